@@ -1,0 +1,1 @@
+//! Simulated Koupleless bases (being written).

@@ -1,0 +1,3 @@
+//! Tunnels: how the controller talks to bases.
+
+pub mod codec;

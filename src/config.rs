@@ -1,1 +1,451 @@
-//! TODO
+//! Configuration: environment variables compatible with the reference Module Controller
+//! deployment, each overridable by a CLI flag. Value names equal the variable names so that
+//! every error names the variable to fix.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use clap::builder::BoolishValueParser;
+use thiserror::Error;
+
+/// A configuration value that cannot work.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid configuration {variable}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable (and flag) at fault.
+    pub variable: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// `module-controller run` options.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Environment name; bases publish on `koupleless_<ENV>/...` and VNodes are `vnode.<id>.<ENV>`.
+    #[arg(long = "env", env = "ENV", value_name = "ENV", default_value = "dev")]
+    pub env: String,
+
+    /// Identity of this controller instance (default: POD_NAME, else a random id).
+    #[arg(long = "client-id", env = "CLIENT_ID", value_name = "CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Enable the MQTT tunnel.
+    #[arg(long = "enable-mqtt-tunnel", env = "ENABLE_MQTT_TUNNEL", value_name = "ENABLE_MQTT_TUNNEL",
+          default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub enable_mqtt_tunnel: bool,
+
+    /// MQTT broker host.
+    #[arg(
+        long = "mqtt-broker",
+        env = "MQTT_BROKER",
+        value_name = "MQTT_BROKER",
+        default_value = ""
+    )]
+    pub mqtt_broker: String,
+
+    /// MQTT broker port.
+    #[arg(
+        long = "mqtt-port",
+        env = "MQTT_PORT",
+        value_name = "MQTT_PORT",
+        default_value_t = 1883
+    )]
+    pub mqtt_port: u16,
+
+    /// MQTT username.
+    #[arg(
+        long = "mqtt-username",
+        env = "MQTT_USERNAME",
+        value_name = "MQTT_USERNAME"
+    )]
+    pub mqtt_username: Option<String>,
+
+    /// MQTT password.
+    #[arg(
+        long = "mqtt-password",
+        env = "MQTT_PASSWORD",
+        value_name = "MQTT_PASSWORD",
+        hide_env_values = true
+    )]
+    pub mqtt_password: Option<String>,
+
+    /// Prefix of the controller's MQTT client id (`<prefix>@@@<CLIENT_ID>`).
+    #[arg(
+        long = "mqtt-client-prefix",
+        env = "MQTT_CLIENT_PREFIX",
+        value_name = "MQTT_CLIENT_PREFIX",
+        default_value = "koupleless"
+    )]
+    pub mqtt_client_prefix: String,
+
+    /// CA bundle (PEM) to verify the broker; setting it enables TLS.
+    #[arg(
+        long = "mqtt-ca-path",
+        env = "MQTT_CA_PATH",
+        value_name = "MQTT_CA_PATH"
+    )]
+    pub mqtt_ca_path: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(
+        long = "mqtt-client-crt-path",
+        env = "MQTT_CLIENT_CRT_PATH",
+        value_name = "MQTT_CLIENT_CRT_PATH"
+    )]
+    pub mqtt_client_crt_path: Option<PathBuf>,
+
+    /// Client key (PEM) for mutual TLS.
+    #[arg(
+        long = "mqtt-client-key-path",
+        env = "MQTT_CLIENT_KEY_PATH",
+        value_name = "MQTT_CLIENT_KEY_PATH"
+    )]
+    pub mqtt_client_key_path: Option<PathBuf>,
+
+    /// Enable the HTTP tunnel.
+    #[arg(long = "enable-http-tunnel", env = "ENABLE_HTTP_TUNNEL", value_name = "ENABLE_HTTP_TUNNEL",
+          default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub enable_http_tunnel: bool,
+
+    /// Port of the HTTP tunnel (bases POST /heartbeat and /queryBaseline here).
+    #[arg(
+        long = "http-tunnel-listen-port",
+        env = "HTTP_TUNNEL_LISTEN_PORT",
+        value_name = "HTTP_TUNNEL_LISTEN_PORT",
+        default_value_t = 7777
+    )]
+    pub http_tunnel_listen_port: u16,
+
+    /// Maximum concurrent apiserver writes across all VNodes.
+    #[arg(
+        long = "vnode-worker-num",
+        env = "VNODE_WORKER_NUM",
+        value_name = "VNODE_WORKER_NUM",
+        default_value_t = 8
+    )]
+    pub vnode_worker_num: usize,
+
+    /// Expected base heartbeat period in seconds (Arklet default 10).
+    #[arg(
+        long = "heartbeat-period-secs",
+        env = "HEARTBEAT_PERIOD_SECS",
+        value_name = "HEARTBEAT_PERIOD_SECS",
+        default_value_t = 10.0
+    )]
+    pub heartbeat_period_secs: f64,
+
+    /// Missed heartbeat periods after which a base is NotReady.
+    #[arg(
+        long = "heartbeat-misses",
+        env = "HEARTBEAT_MISSES",
+        value_name = "HEARTBEAT_MISSES",
+        default_value_t = 3
+    )]
+    pub heartbeat_misses: u32,
+
+    /// Seconds after which a VNode whose base never came back is deleted.
+    #[arg(
+        long = "vnode-ttl-secs",
+        env = "VNODE_TTL_SECS",
+        value_name = "VNODE_TTL_SECS",
+        default_value_t = 600
+    )]
+    pub vnode_ttl_secs: u64,
+
+    /// Taint VNodes with `schedule.koupleless.io/node-env=<ENV>:NoExecute`.
+    #[arg(long = "enable-env-taint", env = "ENABLE_ENV_TAINT", value_name = "ENABLE_ENV_TAINT",
+          default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub enable_env_taint: bool,
+
+    /// Seconds between full module-list queries to each live base.
+    #[arg(
+        long = "resync-secs",
+        env = "RESYNC_SECS",
+        value_name = "RESYNC_SECS",
+        default_value_t = 30.0
+    )]
+    pub resync_secs: f64,
+
+    /// Seconds to wait for an install/uninstall outcome before re-sending the command.
+    #[arg(
+        long = "command-timeout-secs",
+        env = "COMMAND_TIMEOUT_SECS",
+        value_name = "COMMAND_TIMEOUT_SECS",
+        default_value_t = 15.0
+    )]
+    pub command_timeout_secs: f64,
+
+    /// Address of the /metrics, /healthz and /readyz endpoint (empty to disable).
+    #[arg(
+        long = "metrics-addr",
+        env = "METRICS_ADDR",
+        value_name = "METRICS_ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_addr: String,
+
+    /// Directory of WASM plugins (and their manifest); empty for built-in behaviour only.
+    #[arg(long = "plugins-dir", env = "PLUGINS_DIR", value_name = "PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+
+    /// Keep module Deployments labelled `virtual-kubelet.koupleless.io/strategy=peer` at one replica per Ready base of their cluster.
+    #[arg(long = "enable-module-replicas-sync-with-base", env = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE",
+          value_name = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE", default_value = "false",
+          value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub enable_module_replicas_sync_with_base: bool,
+}
+
+/// Validated settings the controller runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lowercase env name.
+    pub env: String,
+    /// Controller identity.
+    pub client_id: String,
+    /// MQTT tunnel settings, when enabled.
+    pub mqtt: Option<crate::tunnel::mqtt::MqttSettings>,
+    /// HTTP tunnel port, when enabled.
+    pub http_port: Option<u16>,
+    /// Concurrent apiserver writes.
+    pub workers: usize,
+    /// Expected heartbeat period.
+    pub heartbeat_period: Duration,
+    /// Silence after which a base is NotReady.
+    pub liveness_timeout: Duration,
+    /// Silence after which a VNode is deleted.
+    pub vnode_ttl: Duration,
+    /// Whether VNodes get the env taint.
+    pub env_taint: bool,
+    /// Period of full module-list queries.
+    pub resync: Duration,
+    /// Wait for a command outcome before re-sending.
+    pub command_timeout: Duration,
+    /// Metrics/health endpoint.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Plugins directory.
+    pub plugins_dir: Option<PathBuf>,
+    /// Peer-deployment replica sync.
+    pub replicas_sync: bool,
+}
+
+fn secs(variable: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        return Err(ConfigError {
+            variable,
+            reason: format!("{v} is not a number of seconds in (0, 86400]"),
+        });
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl RunArgs {
+    /// Checks the combination of values and resolves defaults.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let env = self.env.trim().to_ascii_lowercase();
+        if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(ConfigError {
+                variable: "ENV",
+                reason: format!(
+                    "{:?} must be non-empty lowercase letters, digits or '-'",
+                    self.env
+                ),
+            });
+        }
+        if !self.enable_mqtt_tunnel && !self.enable_http_tunnel {
+            return Err(ConfigError {
+                variable: "ENABLE_MQTT_TUNNEL",
+                reason:
+                    "no tunnel enabled: set ENABLE_MQTT_TUNNEL=true and/or ENABLE_HTTP_TUNNEL=true"
+                        .into(),
+            });
+        }
+        let client_id = self
+            .client_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| format!("module-controller-{}", uuid::Uuid::new_v4().simple()));
+        let mqtt = if self.enable_mqtt_tunnel {
+            if self.mqtt_broker.trim().is_empty() {
+                return Err(ConfigError {
+                    variable: "MQTT_BROKER",
+                    reason: "required when ENABLE_MQTT_TUNNEL=true".into(),
+                });
+            }
+            if self.mqtt_port == 0 {
+                return Err(ConfigError {
+                    variable: "MQTT_PORT",
+                    reason: "must be 1-65535".into(),
+                });
+            }
+            if self.mqtt_client_crt_path.is_some() != self.mqtt_client_key_path.is_some() {
+                return Err(ConfigError {
+                    variable: "MQTT_CLIENT_CRT_PATH",
+                    reason: "MQTT_CLIENT_CRT_PATH and MQTT_CLIENT_KEY_PATH must be set together"
+                        .into(),
+                });
+            }
+            for (variable, p) in [
+                ("MQTT_CA_PATH", &self.mqtt_ca_path),
+                ("MQTT_CLIENT_CRT_PATH", &self.mqtt_client_crt_path),
+                ("MQTT_CLIENT_KEY_PATH", &self.mqtt_client_key_path),
+            ] {
+                if let Some(p) = p
+                    && !p.is_file()
+                {
+                    return Err(ConfigError {
+                        variable,
+                        reason: format!("{} is not a readable file", p.display()),
+                    });
+                }
+            }
+            if self.mqtt_client_crt_path.is_some() && self.mqtt_ca_path.is_none() {
+                return Err(ConfigError {
+                    variable: "MQTT_CA_PATH",
+                    reason: "required for TLS when a client certificate is given".into(),
+                });
+            }
+            let broker = self
+                .mqtt_broker
+                .trim()
+                .trim_start_matches("tcp://")
+                .trim_start_matches("ssl://")
+                .trim_start_matches("mqtt://")
+                .to_string();
+            Some(crate::tunnel::mqtt::MqttSettings {
+                host: broker,
+                port: self.mqtt_port,
+                client_id: format!("{}@@@{}", self.mqtt_client_prefix, client_id),
+                username: self.mqtt_username.clone().filter(|s| !s.is_empty()),
+                password: self.mqtt_password.clone().filter(|s| !s.is_empty()),
+                ca_path: self.mqtt_ca_path.clone(),
+                client_cert_path: self.mqtt_client_crt_path.clone(),
+                client_key_path: self.mqtt_client_key_path.clone(),
+                keep_alive: Duration::from_secs(30),
+            })
+        } else {
+            None
+        };
+        if self.vnode_worker_num == 0 || self.vnode_worker_num > 1024 {
+            return Err(ConfigError {
+                variable: "VNODE_WORKER_NUM",
+                reason: format!("{} must be 1-1024", self.vnode_worker_num),
+            });
+        }
+        if self.heartbeat_misses == 0 {
+            return Err(ConfigError {
+                variable: "HEARTBEAT_MISSES",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let heartbeat_period = secs("HEARTBEAT_PERIOD_SECS", self.heartbeat_period_secs)?;
+        let metrics_addr = if self.metrics_addr.trim().is_empty() {
+            None
+        } else {
+            Some(self.metrics_addr.trim().parse().map_err(|e| ConfigError {
+                variable: "METRICS_ADDR",
+                reason: format!("{:?}: {e}", self.metrics_addr),
+            })?)
+        };
+        if self.vnode_ttl_secs == 0 {
+            return Err(ConfigError {
+                variable: "VNODE_TTL_SECS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if let Some(d) = &self.plugins_dir
+            && !d.is_dir()
+        {
+            return Err(ConfigError {
+                variable: "PLUGINS_DIR",
+                reason: format!("{} is not a directory", d.display()),
+            });
+        }
+        Ok(Settings {
+            env,
+            client_id,
+            mqtt,
+            http_port: self
+                .enable_http_tunnel
+                .then_some(self.http_tunnel_listen_port),
+            workers: self.vnode_worker_num,
+            heartbeat_period,
+            liveness_timeout: heartbeat_period * self.heartbeat_misses,
+            vnode_ttl: Duration::from_secs(self.vnode_ttl_secs),
+            env_taint: self.enable_env_taint,
+            resync: secs("RESYNC_SECS", self.resync_secs)?,
+            command_timeout: secs("COMMAND_TIMEOUT_SECS", self.command_timeout_secs)?,
+            metrics_addr,
+            plugins_dir: self.plugins_dir.clone(),
+            replicas_sync: self.enable_module_replicas_sync_with_base,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        T::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|t| t.a)
+    }
+
+    #[test]
+    fn mqtt_requires_a_broker() {
+        let a = parse(&["--enable-mqtt-tunnel", "true"]).expect("parses");
+        let e = a.validate().expect_err("no broker");
+        assert_eq!(e.variable, "MQTT_BROKER");
+    }
+
+    #[test]
+    fn no_tunnel_is_an_error_naming_the_variable() {
+        let e = parse(&[])
+            .expect("parses")
+            .validate()
+            .expect_err("no tunnel");
+        assert!(e.to_string().contains("ENABLE_MQTT_TUNNEL"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = parse(&["--mqtt-port", "notaport"]).err().expect("bad port");
+        assert!(e.to_string().contains("MQTT_PORT"), "{e}");
+        let e = parse(&["--enable-http-tunnel", "maybe"])
+            .err()
+            .expect("bad bool");
+        assert!(e.to_string().contains("ENABLE_HTTP_TUNNEL"), "{e}");
+    }
+
+    #[test]
+    fn valid_config_resolves() {
+        let a = parse(&[
+            "--enable-mqtt-tunnel",
+            "1",
+            "--mqtt-broker",
+            "tcp://b",
+            "--env",
+            "Prod",
+            "--client-id",
+            "c1",
+            "--heartbeat-period-secs",
+            "2",
+            "--heartbeat-misses",
+            "3",
+        ])
+        .expect("parses");
+        let s = a.validate().expect("valid");
+        assert_eq!(s.env, "prod");
+        let m = s.mqtt.expect("mqtt");
+        assert_eq!(m.host, "b");
+        assert_eq!(m.client_id, "koupleless@@@c1");
+        assert_eq!(s.liveness_timeout, Duration::from_secs(6));
+    }
+}

@@ -1,1 +1,574 @@
-//! TODO
+//! Wiring: tunnels feed base actors; a pod watch feeds the same actors; actors write to
+//! Kubernetes and command bases. This module owns the registry of actors and the pod index.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use kube::runtime::watcher;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::base::actor::{ActorExit, ActorSettings, BaseActor, BaseMsg};
+use crate::config::Settings;
+use crate::kube_util::KubeCtx;
+use crate::model::{BaseEvent, BaseMetadata, ModuleSpec, TunnelEvent};
+use crate::rollout::PolicySource;
+use crate::tunnel::Tunnel;
+use crate::tunnel::arklet_codec::ArkletCodec;
+use crate::tunnel::codec::CodecSet;
+use crate::tunnel::http::{BaselineProvider, HttpTunnel};
+use crate::tunnel::mqtt::{MqttTunnel, count_received};
+use crate::vnode::liveness::LivenessPolicy;
+use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL};
+use crate::vpod::spec::{MODULE_LABEL_VALUE, MODULE_LABELS};
+
+struct ControllerMetrics {
+    bases: Gauge,
+    actor_exits: Counter,
+    pod_events: Counter,
+}
+
+fn metrics() -> &'static ControllerMetrics {
+    static M: OnceLock<ControllerMetrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let m = ControllerMetrics {
+            bases: Gauge::default(),
+            actor_exits: Counter::default(),
+            pod_events: Counter::default(),
+        };
+        crate::metrics::register("bases", "Bases with a running actor", m.bases.clone());
+        crate::metrics::register(
+            "base_actor_exits",
+            "Base actors ended (drained, expired)",
+            m.actor_exits.clone(),
+        );
+        crate::metrics::register(
+            "pod_watch_events",
+            "Pod watch events processed",
+            m.pod_events.clone(),
+        );
+        m
+    })
+}
+
+/// What the controller needs besides its settings.
+pub struct ControllerDeps {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Ordering and batch rules.
+    pub policies: Arc<dyn PolicySource>,
+    /// Plugin tunnel adapters for the MQTT tunnel (an empty set when no plugins).
+    pub codecs: watch::Receiver<CodecSet>,
+}
+
+/// A running controller.
+pub struct ControllerHandle {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Where the HTTP tunnel listens, when enabled.
+    pub http_addr: Option<SocketAddr>,
+    /// True once the pod watch synced and the tunnels started.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl ControllerHandle {
+    /// Stops the controller and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.task.await.context("controller task panicked")?
+    }
+
+    /// Waits until the controller ends on its own (error) or is cancelled.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("controller task panicked")?
+    }
+
+    /// A token that stops the controller when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+/// An empty plugin codec set, for running without plugins.
+pub fn no_plugin_codecs() -> watch::Receiver<CodecSet> {
+    let (tx, rx) = watch::channel::<CodecSet>(Arc::new(Vec::new()));
+    // Keep the sender alive for the process so receivers never see a closed channel.
+    std::mem::forget(tx);
+    rx
+}
+
+struct BaselineRequest {
+    metadata: BaseMetadata,
+    reply: oneshot::Sender<Vec<ModuleSpec>>,
+}
+
+struct ChannelBaseline(mpsc::Sender<BaselineRequest>);
+
+impl BaselineProvider for ChannelBaseline {
+    fn baseline<'a>(&'a self, metadata: &'a BaseMetadata) -> BoxFuture<'a, Vec<ModuleSpec>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let req = BaselineRequest {
+                metadata: metadata.clone(),
+                reply: tx,
+            };
+            if self.0.send(req).await.is_err() {
+                return Vec::new();
+            }
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// Starts the controller in the background.
+pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<ControllerHandle> {
+    let cancel = CancellationToken::new();
+    let ctx = KubeCtx::new(deps.client.clone(), settings.workers, &settings.client_id);
+    let (event_tx, event_rx) = mpsc::channel::<(String, BaseEvent)>(8192);
+    let (baseline_tx, baseline_rx) = mpsc::channel::<BaselineRequest>(256);
+    let mut tunnels: HashMap<String, Arc<dyn Tunnel>> = HashMap::new();
+    let mut mqtt: Option<Arc<MqttTunnel>> = None;
+    let mut http_addr = None;
+
+    if let Some(m) = &settings.mqtt {
+        let (tx, rx) = mpsc::channel::<BaseEvent>(8192);
+        let t = MqttTunnel::start(
+            m,
+            Arc::new(ArkletCodec::new(&settings.env)),
+            deps.codecs.clone(),
+            tx,
+        )
+        .with_context(|| format!("starting the MQTT tunnel to {}:{}", m.host, m.port))?;
+        let t = Arc::new(t);
+        forward(rx, "mqtt", event_tx.clone());
+        tunnels.insert("mqtt".into(), t.clone());
+        mqtt = Some(t);
+        info!(broker = %format!("{}:{}", m.host, m.port), "MQTT tunnel started");
+    }
+    if let Some(port) = settings.http_port {
+        let (tx, rx) = mpsc::channel::<BaseEvent>(8192);
+        let t = HttpTunnel::start(
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            tx,
+            Arc::new(ChannelBaseline(baseline_tx.clone())),
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| format!("starting the HTTP tunnel on port {port}"))?;
+        http_addr = Some(t.local_addr());
+        forward(rx, "http", event_tx.clone());
+        tunnels.insert("http".into(), Arc::new(t));
+    }
+
+    let actor_settings = Arc::new(ActorSettings {
+        env: settings.env.clone(),
+        env_taint: settings.env_taint,
+        liveness: LivenessPolicy {
+            timeout: settings.liveness_timeout,
+            ttl: settings.vnode_ttl,
+        },
+        lease_renew: (settings.liveness_timeout / 3)
+            .clamp(Duration::from_millis(500), Duration::from_secs(10)),
+        resync: settings.resync,
+        command_timeout: settings.command_timeout,
+        tick: Duration::from_millis(500),
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+    let core = Core {
+        env: settings.env.clone(),
+        ctx,
+        policies: deps.policies,
+        actor_settings,
+        tunnels,
+        mqtt,
+        actors: HashMap::new(),
+        generation: 0,
+        pods: PodIndex::default(),
+        exit_tx,
+    };
+    let c = cancel.clone();
+    let r = ready.clone();
+    let client = deps.client;
+    let task =
+        tokio::spawn(async move { core.run(client, event_rx, baseline_rx, exit_rx, c, r).await });
+    Ok(ControllerHandle {
+        cancel,
+        task,
+        http_addr,
+        ready,
+    })
+}
+
+fn forward(
+    mut rx: mpsc::Receiver<BaseEvent>,
+    tunnel: &'static str,
+    tx: mpsc::Sender<(String, BaseEvent)>,
+) {
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if tx.send((tunnel.to_string(), ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+struct ActorEntry {
+    tx: mpsc::UnboundedSender<BaseMsg>,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct PodIndex {
+    /// uid → (pod, which label watches currently list it).
+    by_uid: HashMap<String, (Arc<Pod>, [bool; 2])>,
+    init: [Option<Vec<Arc<Pod>>>; 2],
+    synced: [bool; 2],
+}
+
+impl PodIndex {
+    fn all_synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    fn pods_on(&self, node: &str) -> Vec<Arc<Pod>> {
+        self.by_uid
+            .values()
+            .filter(|(p, _)| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+}
+
+struct Core {
+    env: String,
+    ctx: KubeCtx,
+    policies: Arc<dyn PolicySource>,
+    actor_settings: Arc<ActorSettings>,
+    tunnels: HashMap<String, Arc<dyn Tunnel>>,
+    mqtt: Option<Arc<MqttTunnel>>,
+    actors: HashMap<String, ActorEntry>,
+    generation: u64,
+    pods: PodIndex,
+    exit_tx: mpsc::UnboundedSender<(String, u64, ActorExit)>,
+}
+
+fn node_of(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        client: kube::Client,
+        mut events: mpsc::Receiver<(String, BaseEvent)>,
+        mut baselines: mpsc::Receiver<BaselineRequest>,
+        mut exits: mpsc::UnboundedReceiver<(String, u64, ActorExit)>,
+        cancel: CancellationToken,
+        ready: Arc<AtomicBool>,
+    ) -> anyhow::Result<()> {
+        self.adopt_existing_vnodes(&client).await;
+        let pods: Api<Pod> = Api::all(client.clone());
+        let streams = MODULE_LABELS.iter().enumerate().map(|(i, label)| {
+            let cfg = watcher::Config::default()
+                .labels(&format!("{label}={MODULE_LABEL_VALUE}"))
+                .fields("spec.nodeName!=");
+            watcher(pods.clone(), cfg).map_ok(move |e| (i, e)).boxed()
+        });
+        let mut pod_stream = futures::stream::select_all(streams);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some((tunnel, ev)) = events.recv() => self.on_base_event(&tunnel, ev),
+                Some(req) = baselines.recv() => self.on_baseline_request(req),
+                Some((base, generation, exit)) = exits.recv() => self.on_actor_exit(&base, generation, exit),
+                item = pod_stream.next() => match item {
+                    Some(Ok((i, e))) => {
+                        self.on_pod_event(i, e);
+                        if self.pods.all_synced() && !ready.swap(true, Ordering::SeqCst) {
+                            info!(pods = self.pods.by_uid.len(), "pod watch synced; controller ready");
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "pod watch error; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    None => anyhow::bail!("pod watch ended"),
+                },
+            }
+        }
+        info!("controller stopping");
+        self.actors.clear();
+        if let Some(m) = &self.mqtt {
+            m.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Starts actors for VNodes of this env that exist already, so that a restart neither loses
+    /// track of silent bases nor re-creates anything.
+    async fn adopt_existing_vnodes(&mut self, client: &kube::Client) {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let lp = ListParams::default()
+            .labels(&format!("{COMPONENT_LABEL}=vnode,{ENV_LABEL}={}", self.env));
+        match nodes.list(&lp).await {
+            Ok(list) => {
+                for n in list.items {
+                    let Some(name) = n.metadata.name.as_deref() else {
+                        continue;
+                    };
+                    let Some(id) = shape::base_id_of(name, &self.env) else {
+                        continue;
+                    };
+                    let tunnel = n
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("vnode.koupleless.io/tunnel"))
+                        .cloned()
+                        .unwrap_or_else(|| "mqtt".into());
+                    info!(base = %id, node = name, "adopting existing VNode");
+                    self.spawn_actor(&id, if tunnel == "http" { "http" } else { "mqtt" });
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "listing existing VNodes failed; they are adopted when their bases speak")
+            }
+        }
+    }
+
+    fn tunnel_label(&self, tunnel: &str, base_id: &str) -> String {
+        match (&self.mqtt, tunnel) {
+            (Some(m), "mqtt") => m.codec_name_for(base_id),
+            _ => tunnel.to_string(),
+        }
+    }
+
+    fn spawn_actor(&mut self, base_id: &str, tunnel: &str) -> Option<&ActorEntry> {
+        let t = self
+            .tunnels
+            .get(tunnel)
+            .or_else(|| self.tunnels.values().next())?
+            .clone();
+        let label = self.tunnel_label(tunnel, base_id);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.generation += 1;
+        let generation = self.generation;
+        let actor = BaseActor::new(
+            base_id,
+            self.actor_settings.clone(),
+            self.ctx.clone(),
+            t,
+            &label,
+            self.policies.clone(),
+        );
+        let exit_tx = self.exit_tx.clone();
+        let id = base_id.to_string();
+        tokio::spawn(async move {
+            let exit = actor.run(rx).await;
+            let _ = exit_tx.send((id, generation, exit));
+        });
+        if self.pods.all_synced() {
+            let node = shape::node_name(base_id, &self.env);
+            let _ = tx.send(BaseMsg::PodsSynced(self.pods.pods_on(&node)));
+        }
+        metrics().bases.inc();
+        self.actors
+            .insert(base_id.to_string(), ActorEntry { tx, generation });
+        self.actors.get(base_id)
+    }
+
+    fn on_base_event(&mut self, tunnel: &str, ev: BaseEvent) {
+        if !self.actors.contains_key(&ev.base_id) {
+            let creates = matches!(
+                &ev.event,
+                TunnelEvent::Heartbeat(h) if h.lifecycle == crate::model::BaseLifecycle::Activated
+            ) || matches!(&ev.event, TunnelEvent::QueryBaseline(_));
+            if !creates {
+                count_received("unknown_base");
+                debug!(base = %ev.base_id, "event from a base without a VNode; dropped");
+                return;
+            }
+            info!(base = %ev.base_id, tunnel, "new base");
+            if self.spawn_actor(&ev.base_id, tunnel).is_none() {
+                return;
+            }
+        }
+        if let Some(a) = self.actors.get(&ev.base_id) {
+            let _ = a.tx.send(BaseMsg::Event(ev.event));
+        }
+    }
+
+    fn on_baseline_request(&mut self, req: BaselineRequest) {
+        let id = req.metadata.identity.clone();
+        if id.is_empty() {
+            let _ = req.reply.send(Vec::new());
+            return;
+        }
+        if !self.actors.contains_key(&id) {
+            self.spawn_actor(&id, "http");
+        }
+        match self.actors.get(&id) {
+            Some(a) => {
+                let _ = a.tx.send(BaseMsg::Baseline(req.reply));
+            }
+            None => {
+                let _ = req.reply.send(Vec::new());
+            }
+        }
+    }
+
+    fn on_actor_exit(&mut self, base: &str, generation: u64, exit: ActorExit) {
+        info!(base, ?exit, "base actor ended");
+        metrics().actor_exits.inc();
+        if self
+            .actors
+            .get(base)
+            .is_some_and(|a| a.generation == generation)
+        {
+            self.actors.remove(base);
+            metrics().bases.dec();
+        }
+    }
+
+    fn route(&self, node: Option<&str>, msg: BaseMsg) {
+        let Some(id) = node.and_then(|n| shape::base_id_of(n, &self.env)) else {
+            return;
+        };
+        if let Some(a) = self.actors.get(&id) {
+            let _ = a.tx.send(msg);
+        }
+    }
+
+    fn on_pod_event(&mut self, stream: usize, e: watcher::Event<Pod>) {
+        metrics().pod_events.inc();
+        match e {
+            watcher::Event::Init => self.pods.init[stream] = Some(Vec::new()),
+            watcher::Event::InitApply(p) => {
+                if let Some(buf) = self.pods.init[stream].as_mut() {
+                    buf.push(Arc::new(p));
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = self.pods.init[stream].take().unwrap_or_default();
+                let uids: HashSet<String> = listed
+                    .iter()
+                    .filter_map(|p| p.metadata.uid.clone())
+                    .collect();
+                self.pods.by_uid.retain(|uid, (_, seen)| {
+                    if !uids.contains(uid) {
+                        seen[stream] = false;
+                    }
+                    seen.iter().any(|s| *s)
+                });
+                for p in listed {
+                    if let Some(uid) = p.metadata.uid.clone() {
+                        let entry = self
+                            .pods
+                            .by_uid
+                            .entry(uid)
+                            .or_insert((p.clone(), [false; 2]));
+                        entry.0 = p;
+                        entry.1[stream] = true;
+                    }
+                }
+                self.pods.synced[stream] = true;
+                if self.pods.all_synced() {
+                    let mut by_node: BTreeMap<String, Vec<Arc<Pod>>> = BTreeMap::new();
+                    for (p, _) in self.pods.by_uid.values() {
+                        if let Some(n) = node_of(p) {
+                            by_node.entry(n.to_string()).or_default().push(p.clone());
+                        }
+                    }
+                    for (id, a) in &self.actors {
+                        let node = shape::node_name(id, &self.env);
+                        let pods = by_node.remove(&node).unwrap_or_default();
+                        let _ = a.tx.send(BaseMsg::PodsSynced(pods));
+                    }
+                }
+            }
+            watcher::Event::Apply(p) => {
+                let Some(uid) = p.metadata.uid.clone() else {
+                    return;
+                };
+                let p = Arc::new(p);
+                let entry = self
+                    .pods
+                    .by_uid
+                    .entry(uid)
+                    .or_insert((p.clone(), [false; 2]));
+                entry.0 = p.clone();
+                entry.1[stream] = true;
+                if self.pods.all_synced() {
+                    self.route(node_of(&p), BaseMsg::PodUpsert(p.clone()));
+                }
+            }
+            watcher::Event::Delete(p) => {
+                let Some(uid) = p.metadata.uid.clone() else {
+                    return;
+                };
+                let gone = match self.pods.by_uid.get_mut(&uid) {
+                    Some((_, seen)) => {
+                        seen[stream] = false;
+                        !seen.iter().any(|s| *s)
+                    }
+                    None => true,
+                };
+                if gone {
+                    self.pods.by_uid.remove(&uid);
+                    self.route(node_of(&p), BaseMsg::PodRemoved(uid));
+                }
+            }
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz`.
+pub async fn serve_metrics(addr: SocketAddr, ready: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::SeqCst) {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "pod watch not synced",
+                        )
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics endpoint cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(local)
+}

@@ -1,1 +1,125 @@
-fn main() {}
+//! `module-controller`: runs the controller (default), the local quick start, or plugin tools.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use module_controller::config::RunArgs;
+use module_controller::controller::{self, ControllerDeps};
+use module_controller::rollout::BuiltinPolicies;
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "module-controller",
+    version,
+    about = "Runs Koupleless modules on bases as Kubernetes pods on virtual nodes",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller (the default when no subcommand is given).
+    Run(RunArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,rumqttc=warn"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = args.validate()?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes access: in-cluster config and KUBECONFIG both failed")?;
+    info!(env = %settings.env, client_id = %settings.client_id, "starting module controller");
+    let handle = controller::start(
+        settings.clone(),
+        ControllerDeps {
+            client,
+            policies: Arc::new(BuiltinPolicies),
+            codecs: controller::no_plugin_codecs(),
+        },
+    )
+    .await?;
+    if let Some(addr) = settings.metrics_addr {
+        let local = controller::serve_metrics(addr, handle.ready.clone()).await?;
+        info!(%local, "metrics and health endpoint listening");
+    }
+    let cancel = handle.cancel_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown signal received");
+        cancel.cancel();
+    });
+    handle.wait().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Some(Cmd::Run(args)) => run(args).await,
+            None => run(cli.run).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -82,11 +82,23 @@ pub struct WireHealthInner {
 /// JVM figures of a health payload; Arklet names them with spaces.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WireJvm {
-    #[serde(default, rename = "java max metaspace", deserialize_with = "lenient_i64")]
+    #[serde(
+        default,
+        rename = "java max metaspace",
+        deserialize_with = "lenient_i64"
+    )]
     pub max_metaspace: Option<i64>,
-    #[serde(default, rename = "java committed metaspace", deserialize_with = "lenient_i64")]
+    #[serde(
+        default,
+        rename = "java committed metaspace",
+        deserialize_with = "lenient_i64"
+    )]
     pub committed_metaspace: Option<i64>,
-    #[serde(default, rename = "java used metaspace", deserialize_with = "lenient_i64")]
+    #[serde(
+        default,
+        rename = "java used metaspace",
+        deserialize_with = "lenient_i64"
+    )]
     pub used_metaspace: Option<i64>,
 }
 
@@ -152,9 +164,17 @@ pub struct WireResponse<T> {
     pub message: Option<String>,
     #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
     pub data: Option<T>,
-    #[serde(default, rename = "errorStackTrace", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "errorStackTrace",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub error_stack_trace: Option<String>,
-    #[serde(default, rename = "baseIdentity", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "baseIdentity",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub base_identity: Option<String>,
 }
 
@@ -450,8 +470,14 @@ mod tests {
 
     #[test]
     fn heartbeat_state_is_case_insensitive() {
-        assert_eq!(BaseLifecycle::parse("deactivated"), BaseLifecycle::Deactivated);
-        assert_eq!(BaseLifecycle::parse("DEACTIVATED"), BaseLifecycle::Deactivated);
+        assert_eq!(
+            BaseLifecycle::parse("deactivated"),
+            BaseLifecycle::Deactivated
+        );
+        assert_eq!(
+            BaseLifecycle::parse("DEACTIVATED"),
+            BaseLifecycle::Deactivated
+        );
         assert_eq!(BaseLifecycle::parse("activated"), BaseLifecycle::Activated);
     }
 

@@ -123,7 +123,13 @@ mod tests {
 
     #[test]
     fn builds_topics() {
-        assert_eq!(topic("Dev", "b1", down::INSTALL_BIZ), "koupleless_dev/b1/installBiz");
-        assert_eq!(subscription("dev", UpTopic::Health), "koupleless_dev/+/base/health");
+        assert_eq!(
+            topic("Dev", "b1", down::INSTALL_BIZ),
+            "koupleless_dev/b1/installBiz"
+        );
+        assert_eq!(
+            subscription("dev", UpTopic::Health),
+            "koupleless_dev/+/base/health"
+        );
     }
 }

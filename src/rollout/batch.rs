@@ -134,9 +134,7 @@ pub fn decide_with(
     {
         Ok(d) => (d, None),
         Err(e) => {
-            let d = AdmitAll
-                .decide(view, pending)
-                .unwrap_or_default();
+            let d = AdmitAll.decide(view, pending).unwrap_or_default();
             (d, Some(e))
         }
     }
@@ -167,7 +165,11 @@ mod tests {
         fn name(&self) -> &str {
             "bad"
         }
-        fn decide(&self, _: &RolloutView, _: &[PendingInstall]) -> Result<BatchDecision, BatchError> {
+        fn decide(
+            &self,
+            _: &RolloutView,
+            _: &[PendingInstall],
+        ) -> Result<BatchDecision, BatchError> {
             Ok(BatchDecision {
                 admit: vec![7],
                 ..Default::default()

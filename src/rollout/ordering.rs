@@ -81,7 +81,10 @@ pub fn default_waves(changes: &[StatusChange]) -> Waves {
         .collect();
     first.sort_by_key(|&i| (changes[i].revision, changes[i].creation_ts, i));
     second.sort_by_key(|&i| (changes[i].creation_ts, changes[i].revision, i));
-    [first, second].into_iter().filter(|w| !w.is_empty()).collect()
+    [first, second]
+        .into_iter()
+        .filter(|w| !w.is_empty())
+        .collect()
 }
 
 /// Checks that `waves` is a permutation of `0..n`.

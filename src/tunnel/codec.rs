@@ -70,7 +70,12 @@ pub trait MessageCodec: Send + Sync {
     /// Whether this codec handles messages on `topic`.
     fn handles(&self, topic: &str) -> bool;
     /// Decodes one message received at `now_ms`.
-    fn decode(&self, topic: &str, payload: &[u8], now_ms: i64) -> Result<Vec<BaseEvent>, DecodeError>;
+    fn decode(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<Vec<BaseEvent>, DecodeError>;
     /// Encodes one command for a base.
     fn encode(&self, base_id: &str, cmd: &BaseCommand) -> Result<Vec<OutMessage>, EncodeError>;
 }
@@ -100,6 +105,13 @@ mod tests {
         assert!(topic_matches("a/#", "a/b/c"));
         assert!(!topic_matches("a/+/c", "a/b/d"));
         assert!(!topic_matches("a/+", "a/b/c"));
-        assert!(topic_matches("koupleless_dev/+/base/heart", "koupleless_dev/1.2.3.4/base/heart"));
+        assert!(topic_matches(
+            "koupleless_dev/+/base/heart",
+            "koupleless_dev/1.2.3.4/base/heart"
+        ));
     }
 }
+
+/// The set of plugin codecs a tunnel serves beside its built-in one; swapped atomically by the
+/// plugin host through a `tokio::sync::watch` channel.
+pub type CodecSet = std::sync::Arc<Vec<std::sync::Arc<dyn MessageCodec>>>;

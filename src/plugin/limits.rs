@@ -1,0 +1,207 @@
+//! One bounded call into a plugin: a fresh Store per call from the version's `InstancePre`,
+//! a time budget (epoch deadline), a memory cap (resource limiter) and the stack cap set on
+//! the Engine; failures are classified for faults and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, trace, warn};
+use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+
+use super::bindings::{wit_host, wit_rollout_context};
+use super::engine::budget_ticks;
+use super::faults::reasons;
+
+/// Tables a plugin may grow to (elements); Rust guests need a few hundred.
+const TABLE_LIMIT: usize = 100_000;
+
+/// Per-call resource caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Wall-clock budget of one call, instantiation included.
+    pub budget: Duration,
+    /// Cap on the linear memory of the plugin instance.
+    pub memory_bytes: usize,
+}
+
+/// Refuses memory and table growth past the caps, remembering that it did.
+#[derive(Debug)]
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+    peak: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = true;
+            // An error traps right at memory.grow, so the cause is precise.
+            wasmtime::bail!(
+                "memory limit exceeded: wanted {desired} bytes, cap is {}",
+                self.limit
+            );
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= TABLE_LIMIT)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
+/// Data of one call's Store: what the host imports answer.
+pub(crate) struct CallState {
+    plugin: Arc<str>,
+    config: Arc<str>,
+    annotations: Option<Arc<BTreeMap<String, String>>>,
+    limiter: MemoryLimiter,
+}
+
+impl wit_host::Host for CallState {
+    fn log(&mut self, level: wit_host::LogLevel, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            wit_host::LogLevel::Trace => trace!(plugin, "{message}"),
+            wit_host::LogLevel::Debug => debug!(plugin, "{message}"),
+            wit_host::LogLevel::Info => info!(plugin, "{message}"),
+            wit_host::LogLevel::Warn => warn!(plugin, "{message}"),
+            wit_host::LogLevel::Error => error!(plugin, "{message}"),
+        }
+    }
+
+    fn config(&mut self) -> String {
+        self.config.to_string()
+    }
+}
+
+impl wit_rollout_context::Host for CallState {
+    fn annotation(&mut self, key: String) -> Option<String> {
+        self.annotations.as_ref()?.get(&key).cloned()
+    }
+}
+
+/// A linker with every host import plugins may use.
+pub(crate) fn base_linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
+    let mut linker = Linker::new(engine);
+    wit_host::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)?;
+    wit_rollout_context::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// What one call is for.
+pub(crate) struct CallContext {
+    /// Plugin name (logs).
+    pub plugin: Arc<str>,
+    /// Plugin config string.
+    pub config: Arc<str>,
+    /// Annotations of the owning Deployment (batch calls only).
+    pub annotations: Option<Arc<BTreeMap<String, String>>>,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CallFailure {
+    /// One of the fault reasons.
+    pub reason: &'static str,
+    /// Detail.
+    pub message: String,
+}
+
+impl std::fmt::Display for CallFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+/// Figures of a finished call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallStats {
+    /// Wall time, instantiation included.
+    pub elapsed: Duration,
+    /// Largest linear memory size the instance reached.
+    pub peak_memory: usize,
+}
+
+/// Instantiates `pre` in a fresh Store and runs `f` on the instance, within `limits`.
+pub(crate) fn invoke<R>(
+    engine: &Engine,
+    pre: &InstancePre<CallState>,
+    limits: Limits,
+    ctx: CallContext,
+    f: impl FnOnce(&mut Store<CallState>, &wasmtime::component::Instance) -> wasmtime::Result<R>,
+) -> (Result<R, CallFailure>, CallStats) {
+    let start = Instant::now();
+    let state = CallState {
+        plugin: ctx.plugin,
+        config: ctx.config,
+        annotations: ctx.annotations,
+        limiter: MemoryLimiter {
+            limit: limits.memory_bytes,
+            peak: 0,
+            exceeded: false,
+        },
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    store.set_epoch_deadline(budget_ticks(limits.budget));
+    store.epoch_deadline_trap();
+    let result = pre
+        .instantiate(&mut store)
+        .and_then(|instance| f(&mut store, &instance));
+    let limiter = &store.data().limiter;
+    let stats = CallStats {
+        elapsed: start.elapsed(),
+        peak_memory: limiter.peak,
+    };
+    let result = result.map_err(|e| classify(&e, limiter.exceeded, limits, stats.elapsed));
+    (result, stats)
+}
+
+fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: Limits, elapsed: Duration) -> CallFailure {
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return CallFailure {
+            reason: reasons::TIMED_OUT,
+            message: format!(
+                "interrupted after {} ms (budget {} ms)",
+                elapsed.as_millis(),
+                limits.budget.as_millis()
+            ),
+        };
+    }
+    if memory_exceeded {
+        return CallFailure {
+            reason: reasons::OUT_OF_MEMORY,
+            message: format!("memory cap of {} bytes exceeded: {e:#}", limits.memory_bytes),
+        };
+    }
+    CallFailure {
+        reason: reasons::TRAPPED,
+        message: format!("{e:#}"),
+    }
+}

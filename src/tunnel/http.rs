@@ -1,0 +1,316 @@
+//! The HTTP tunnel (Arklet HTTP API): bases POST heartbeats to us; we call their Arklet API.
+//! Install/uninstall are synchronous on the base, so each call runs in its own task and its
+//! outcome comes back as events, like over MQTT.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::model::{BaseCommand, BaseEvent, BaseMetadata, ModuleSpec, OperationKind, TunnelEvent};
+use crate::protocol::arklet::{
+    WireBaseMetadata, WireHealthData, WireHeartbeat, WireInstallBiz, WireOperationData,
+    WireResponse, WireSimpleBiz, WireUninstallBiz, operation_result,
+};
+use crate::tunnel::mqtt::count_received;
+use crate::tunnel::{Tunnel, TunnelError};
+
+/// Default Arklet HTTP port of a base that does not say.
+pub const DEFAULT_ARKLET_PORT: u16 = 1238;
+
+/// Answers a base's `queryBaseline`: the modules it should run.
+pub trait BaselineProvider: Send + Sync {
+    /// Modules for the base `metadata.identity`.
+    fn baseline<'a>(&'a self, metadata: &'a BaseMetadata) -> BoxFuture<'a, Vec<ModuleSpec>>;
+}
+
+struct Inner {
+    events: mpsc::Sender<BaseEvent>,
+    endpoints: Mutex<HashMap<String, String>>,
+    http: reqwest::Client,
+    baseline: Arc<dyn BaselineProvider>,
+}
+
+/// The HTTP tunnel handle.
+pub struct HttpTunnel {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+}
+
+impl HttpTunnel {
+    /// Listens on `listen` and forwards events to `events`.
+    pub async fn start(
+        listen: SocketAddr,
+        events: mpsc::Sender<BaseEvent>,
+        baseline: Arc<dyn BaselineProvider>,
+        call_timeout: Duration,
+    ) -> Result<HttpTunnel, TunnelError> {
+        let http = reqwest::Client::builder()
+            .timeout(call_timeout)
+            .build()
+            .map_err(|e| TunnelError::Config(format!("HTTP client: {e}")))?;
+        let inner = Arc::new(Inner {
+            events,
+            endpoints: Mutex::new(HashMap::new()),
+            http,
+            baseline,
+        });
+        let app = Router::new()
+            .route("/heartbeat", post(heartbeat))
+            .route("/queryBaseline", post(query_baseline))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            TunnelError::Config(format!("HTTP tunnel cannot listen on {listen}: {e}"))
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| TunnelError::Config(e.to_string()))?;
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(c.cancelled_owned());
+            if let Err(e) = serve.await {
+                warn!(error = %e, "HTTP tunnel server stopped");
+            }
+        });
+        info!(%addr, "HTTP tunnel listening");
+        Ok(HttpTunnel {
+            inner,
+            addr,
+            cancel,
+        })
+    }
+
+    /// Address the tunnel listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for HttpTunnel {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        count_received("malformed");
+        (StatusCode::BAD_REQUEST, format!("bad JSON: {e}")).into_response()
+    })
+}
+
+async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
+    let hb: WireHeartbeat = match parse_body(&body) {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let hb = hb.to_model();
+    let id = hb.metadata.identity.clone();
+    if id.is_empty() {
+        count_received("malformed");
+        return (StatusCode::BAD_REQUEST, "baseMetadata.identity is required").into_response();
+    }
+    let port = hb.port.unwrap_or(DEFAULT_ARKLET_PORT);
+    inner
+        .endpoints
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), format!("http://{}:{}", hb.local_ip, port));
+    count_received("ok");
+    if inner
+        .events
+        .send(BaseEvent {
+            base_id: id,
+            event: TunnelEvent::Heartbeat(hb),
+        })
+        .await
+        .is_err()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "controller stopping").into_response();
+    }
+    (StatusCode::OK, "SUCCESS").into_response()
+}
+
+async fn query_baseline(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
+    let md: WireBaseMetadata = match parse_body(&body) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let md: BaseMetadata = (&md).into();
+    count_received("ok");
+    let specs = inner.baseline.baseline(&md).await;
+    let body: Vec<WireInstallBiz> = specs.iter().map(WireInstallBiz::from).collect();
+    axum::Json(body).into_response()
+}
+
+impl Inner {
+    fn endpoint(&self, base_id: &str) -> Option<String> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(base_id)
+            .cloned()
+    }
+
+    async fn call<B: serde::Serialize, T: DeserializeOwned + Default>(
+        &self,
+        base_id: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<WireResponse<T>, String> {
+        let url = format!(
+            "{}/{path}",
+            self.endpoint(base_id)
+                .ok_or_else(|| format!("no endpoint known for base {base_id}"))?
+        );
+        let resp = self
+            .http
+            .post(&url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| format!("POST {url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("POST {url}: HTTP {status}"));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| format!("POST {url}: bad reply: {e}"))
+    }
+
+    async fn emit(&self, base_id: &str, event: TunnelEvent) {
+        let _ = self
+            .events
+            .send(BaseEvent {
+                base_id: base_id.to_string(),
+                event,
+            })
+            .await;
+    }
+
+    async fn unreachable(&self, base_id: &str, reason: String) {
+        warn!(base = base_id, %reason, "base unreachable over HTTP");
+        self.emit(base_id, TunnelEvent::Unreachable { reason })
+            .await;
+    }
+
+    async fn query_all(&self, base_id: &str) {
+        match self
+            .call::<_, Vec<WireSimpleBiz>>(base_id, "queryAllBiz", &serde_json::json!({}))
+            .await
+        {
+            Ok(r) if r.code.eq_ignore_ascii_case("SUCCESS") => {
+                let list = r.data.unwrap_or_default();
+                self.emit(
+                    base_id,
+                    TunnelEvent::ModuleList(list.iter().map(WireSimpleBiz::to_model).collect()),
+                )
+                .await;
+            }
+            Ok(r) => debug!(base = base_id, code = %r.code, "queryAllBiz not successful"),
+            Err(e) => self.unreachable(base_id, e).await,
+        }
+    }
+
+    async fn operate(&self, base_id: &str, kind: OperationKind, spec: ModuleSpec) {
+        let reply = match kind {
+            OperationKind::Install => {
+                self.call::<_, WireOperationData>(
+                    base_id,
+                    "installBiz",
+                    &WireInstallBiz::from(&spec),
+                )
+                .await
+            }
+            OperationKind::Uninstall => {
+                let body = WireUninstallBiz {
+                    biz_name: spec.name.clone(),
+                    biz_version: spec.version.clone(),
+                };
+                self.call::<_, WireOperationData>(base_id, "uninstallBiz", &body)
+                    .await
+            }
+        };
+        match reply {
+            Ok(r) => {
+                let result = operation_result(kind, &spec.name, &spec.version, &r);
+                self.emit(base_id, TunnelEvent::Operation(result)).await;
+                self.query_all(base_id).await;
+            }
+            Err(e) => self.unreachable(base_id, e).await,
+        }
+    }
+
+    async fn execute(self: Arc<Self>, base_id: String, cmd: BaseCommand) {
+        match cmd {
+            BaseCommand::Install(spec) => {
+                self.operate(&base_id, OperationKind::Install, spec).await
+            }
+            BaseCommand::Uninstall(key) => {
+                let spec = ModuleSpec {
+                    name: key.name,
+                    version: key.version,
+                    url: String::new(),
+                };
+                self.operate(&base_id, OperationKind::Uninstall, spec).await
+            }
+            BaseCommand::Baseline(specs) => {
+                for spec in specs {
+                    self.operate(&base_id, OperationKind::Install, spec).await;
+                }
+            }
+            BaseCommand::QueryAllModules => self.query_all(&base_id).await,
+            BaseCommand::QueryHealth => {
+                match self
+                    .call::<_, WireHealthData>(&base_id, "health", &serde_json::json!({}))
+                    .await
+                {
+                    Ok(r) => {
+                        let wire = crate::protocol::arklet::WireHealth {
+                            code: r.code,
+                            message: r.message,
+                            data: r.data,
+                        };
+                        if let Some(h) = wire.to_model() {
+                            self.emit(&base_id, TunnelEvent::Health(h)).await;
+                        }
+                    }
+                    Err(e) => self.unreachable(&base_id, e).await,
+                }
+            }
+        }
+    }
+}
+
+impl Tunnel for HttpTunnel {
+    fn name(&self) -> &str {
+        "http"
+    }
+
+    fn send<'a>(
+        &'a self,
+        base_id: &'a str,
+        cmd: &'a BaseCommand,
+    ) -> BoxFuture<'a, Result<(), TunnelError>> {
+        Box::pin(async move {
+            if self.inner.endpoint(base_id).is_none() {
+                return Err(TunnelError::UnknownBase(base_id.to_string()));
+            }
+            tokio::spawn(self.inner.clone().execute(base_id.to_string(), cmd.clone()));
+            Ok(())
+        })
+    }
+}

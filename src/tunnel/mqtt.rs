@@ -1,0 +1,425 @@
+//! The MQTT tunnel: one broker connection shared by every base. The tunnel owns the connection
+//! and its subscriptions; codecs (the built-in Arklet one and plugin adapters) only translate.
+//! Subscriptions are restored on every reconnect and follow codec swaps without reconnecting.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::model::{BaseCommand, BaseEvent};
+use crate::protocol::arklet::now_ms;
+use crate::tunnel::codec::{CodecSet, MessageCodec};
+use crate::tunnel::{Tunnel, TunnelError};
+
+/// Connection settings (from `MQTT_*` configuration).
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id (must be unique per controller instance).
+    pub client_id: String,
+    /// Username, if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<String>,
+    /// CA bundle (PEM) to verify the broker; enables TLS.
+    pub ca_path: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub client_cert_path: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub client_key_path: Option<std::path::PathBuf>,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+struct MqttMetrics {
+    received: Family<ResultLabel, Counter>,
+    published: Family<ResultLabel, Counter>,
+    reconnects: Counter,
+    connected: Gauge,
+}
+
+fn metrics() -> &'static MqttMetrics {
+    static M: OnceLock<MqttMetrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let m = MqttMetrics {
+            received: Family::default(),
+            published: Family::default(),
+            reconnects: Counter::default(),
+            connected: Gauge::default(),
+        };
+        crate::metrics::register(
+            "mqtt_messages_received",
+            "MQTT messages received, by outcome (ok or the drop reason)",
+            m.received.clone(),
+        );
+        crate::metrics::register(
+            "mqtt_commands_published",
+            "Commands published to bases, by outcome",
+            m.published.clone(),
+        );
+        crate::metrics::register(
+            "mqtt_reconnects",
+            "Broker connections lost and retried",
+            m.reconnects.clone(),
+        );
+        crate::metrics::register(
+            "mqtt_connected",
+            "1 while connected to the broker",
+            m.connected.clone(),
+        );
+        m
+    })
+}
+
+/// Counts a received message by outcome (`ok` or a drop reason).
+pub fn count_received(result: &str) {
+    metrics()
+        .received
+        .get_or_create(&ResultLabel {
+            result: result.to_string(),
+        })
+        .inc();
+}
+
+/// Current value of the received counter for `result` (for tests and the demo).
+pub fn received_count(result: &str) -> u64 {
+    metrics()
+        .received
+        .get_or_create(&ResultLabel {
+            result: result.to_string(),
+        })
+        .get()
+}
+
+struct Shared {
+    client: AsyncClient,
+    builtin: Arc<dyn MessageCodec>,
+    plugins: Mutex<CodecSet>,
+    /// Which codec each base was first seen on; commands go back through it.
+    base_codec: Mutex<HashMap<String, String>>,
+    subscribed: Mutex<BTreeSet<String>>,
+}
+
+impl Shared {
+    fn all_codecs(&self) -> Vec<Arc<dyn MessageCodec>> {
+        let plugins = self
+            .plugins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut v = vec![self.builtin.clone()];
+        v.extend(plugins.iter().cloned());
+        v
+    }
+
+    fn wanted_subscriptions(&self) -> BTreeSet<String> {
+        self.all_codecs()
+            .iter()
+            .flat_map(|c| c.subscriptions())
+            .collect()
+    }
+
+    /// Subscribes to what is wanted and not yet subscribed; unsubscribes what is gone.
+    /// `reset` forgets the current set (after a reconnect with a clean session).
+    async fn sync_subscriptions(&self, reset: bool) {
+        let wanted = self.wanted_subscriptions();
+        let (add, remove): (Vec<String>, Vec<String>) = {
+            let mut cur = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
+            if reset {
+                cur.clear();
+            }
+            let add = wanted.difference(&cur).cloned().collect();
+            let remove = cur.difference(&wanted).cloned().collect();
+            *cur = wanted;
+            (add, remove)
+        };
+        for f in add {
+            if let Err(e) = self.client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                warn!(filter = %f, error = %e, "subscribe failed; retried on next reconnect");
+                self.subscribed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&f);
+            } else {
+                debug!(filter = %f, "subscribed");
+            }
+        }
+        for f in remove {
+            if let Err(e) = self.client.unsubscribe(f.clone()).await {
+                warn!(filter = %f, error = %e, "unsubscribe failed");
+            }
+        }
+    }
+
+    fn route(&self, topic: &str, payload: &[u8], events: &mpsc::Sender<BaseEvent>) {
+        let codecs = self.all_codecs();
+        // Plugins first: an adapter may claim topics the built-in codec would reject.
+        let Some(codec) = codecs.iter().rev().find(|c| c.handles(topic)) else {
+            count_received("unknown_topic");
+            debug!(%topic, "message on a topic no codec handles");
+            return;
+        };
+        match codec.decode(topic, payload, now_ms()) {
+            Ok(evs) => {
+                count_received("ok");
+                for ev in evs {
+                    self.base_codec
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(ev.base_id.clone())
+                        .or_insert_with(|| codec.name().to_string());
+                    if let Err(e) = events.try_send(ev) {
+                        count_received("queue_full");
+                        warn!(error = %e, "event queue full or closed; message dropped");
+                    }
+                }
+            }
+            Err(e) => {
+                count_received(e.label());
+                debug!(%topic, codec = codec.name(), error = %e, "message dropped");
+            }
+        }
+    }
+}
+
+/// The MQTT tunnel handle.
+pub struct MqttTunnel {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl MqttTunnel {
+    /// Connects (retrying in the background), subscribes for every codec, and forwards decoded
+    /// events to `events`. Plugin codecs come and go through `plugin_codecs`.
+    pub fn start(
+        settings: &MqttSettings,
+        builtin: Arc<dyn MessageCodec>,
+        mut plugin_codecs: watch::Receiver<CodecSet>,
+        events: mpsc::Sender<BaseEvent>,
+    ) -> Result<MqttTunnel, TunnelError> {
+        let opts = mqtt_options(settings)?;
+        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        let initial = plugin_codecs.borrow_and_update().clone();
+        let shared = Arc::new(Shared {
+            client,
+            builtin,
+            plugins: Mutex::new(initial),
+            base_codec: Mutex::new(HashMap::new()),
+            subscribed: Mutex::new(BTreeSet::new()),
+        });
+        let cancel = CancellationToken::new();
+        tokio::spawn(run_eventloop(
+            eventloop,
+            shared.clone(),
+            events,
+            cancel.clone(),
+            format!("{}:{}", settings.host, settings.port),
+        ));
+        let watcher_shared = shared.clone();
+        let watcher_cancel = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = watcher_cancel.cancelled() => return,
+                    changed = plugin_codecs.changed() => {
+                        if changed.is_err() { return; }
+                        let set = plugin_codecs.borrow_and_update().clone();
+                        let names: Vec<String> = set.iter().map(|c| c.name().to_string()).collect();
+                        *watcher_shared.plugins.lock().unwrap_or_else(|p| p.into_inner()) = set;
+                        info!(codecs = ?names, "tunnel adapters changed; updating subscriptions");
+                        watcher_shared.sync_subscriptions(false).await;
+                    }
+                }
+            }
+        });
+        Ok(MqttTunnel { shared, cancel })
+    }
+
+    /// Stops the tunnel (disconnects from the broker).
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let _ = self.shared.client.disconnect().await;
+    }
+
+    fn codec_for(&self, base_id: &str) -> Arc<dyn MessageCodec> {
+        let name = self
+            .shared
+            .base_codec
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(base_id)
+            .cloned();
+        let codecs = self.shared.all_codecs();
+        name.and_then(|n| codecs.iter().find(|c| c.name() == n).cloned())
+            .unwrap_or_else(|| self.shared.builtin.clone())
+    }
+
+    /// Name of the codec a base speaks (its VNode's tunnel label).
+    pub fn codec_name_for(&self, base_id: &str) -> String {
+        self.codec_for(base_id).name().to_string()
+    }
+}
+
+impl Drop for MqttTunnel {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Tunnel for MqttTunnel {
+    fn name(&self) -> &str {
+        "mqtt"
+    }
+
+    fn send<'a>(
+        &'a self,
+        base_id: &'a str,
+        cmd: &'a BaseCommand,
+    ) -> BoxFuture<'a, Result<(), TunnelError>> {
+        Box::pin(async move {
+            let codec = self.codec_for(base_id);
+            let msgs = codec.encode(base_id, cmd).map_err(|e| {
+                metrics()
+                    .published
+                    .get_or_create(&ResultLabel {
+                        result: "encode_failed".into(),
+                    })
+                    .inc();
+                TunnelError::Encode(e.to_string())
+            })?;
+            for m in msgs {
+                // QoS 1 and never retained: a reconnecting base must not replay stale commands.
+                self.shared
+                    .client
+                    .publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload)
+                    .await
+                    .map_err(|e| TunnelError::Transport(e.to_string()))?;
+                metrics()
+                    .published
+                    .get_or_create(&ResultLabel {
+                        result: cmd.kind().to_string(),
+                    })
+                    .inc();
+                debug!(base = base_id, topic = %m.topic, "command published");
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn run_eventloop(
+    mut eventloop: EventLoop,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<BaseEvent>,
+    cancel: CancellationToken,
+    broker: String,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let polled = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = eventloop.poll() => p,
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(200);
+                metrics().connected.set(1);
+                info!(%broker, "connected to MQTT broker");
+                // Clean session: the broker forgot our subscriptions; restore them off this task
+                // so the event loop keeps draining while the requests are queued.
+                let s = shared.clone();
+                tokio::spawn(async move { s.sync_subscriptions(true).await });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                shared.route(&p.topic, &p.payload, &events);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics().connected.set(0);
+                metrics().reconnects.inc();
+                warn!(%broker, error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn mqtt_options(s: &MqttSettings) -> Result<MqttOptions, TunnelError> {
+    let mut o = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+    o.set_keep_alive(s.keep_alive);
+    o.set_clean_session(true);
+    o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    if let Some(u) = &s.username {
+        o.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
+    }
+    if let Some(ca) = &s.ca_path {
+        o.set_transport(Transport::tls_with_config(tls_config(
+            ca,
+            s.client_cert_path.as_deref(),
+            s.client_key_path.as_deref(),
+        )?));
+    }
+    Ok(o)
+}
+
+fn tls_config(
+    ca: &std::path::Path,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<rumqttc::TlsConfiguration, TunnelError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| TunnelError::Config(format!("reading {}: {e}", p.display())))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
+        let c = c.map_err(|e| TunnelError::Config(format!("CA {}: {e}", ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| TunnelError::Config(format!("CA {}: {e}", ca.display())))?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let chain = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TunnelError::Config(format!("client cert {}: {e}", cert.display())))?;
+            let key_der = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+                .map_err(|e| TunnelError::Config(format!("client key {}: {e}", key.display())))?
+                .ok_or_else(|| {
+                    TunnelError::Config(format!("no private key in {}", key.display()))
+                })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TunnelError::Config(format!("client auth: {e}")))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err(TunnelError::Config(
+                "MQTT_CLIENT_CRT_PATH and MQTT_CLIENT_KEY_PATH must be set together".into(),
+            ));
+        }
+    };
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}

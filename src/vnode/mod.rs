@@ -1,0 +1,5 @@
+//! Bases as Kubernetes Nodes: the node shape (pure), its Lease, and liveness.
+
+pub mod lease;
+pub mod liveness;
+pub mod shape;

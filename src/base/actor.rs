@@ -345,7 +345,15 @@ impl BaseActor {
 
     async fn on_operation(&mut self, r: OperationResult) {
         let key = ModuleKey::new(&r.name, &r.version);
-        self.inflight.remove(&(r.kind, key.clone()));
+        // A success is confirmed by the module list we query next; until then the command stays
+        // in flight (restarted clock), or a list published before the operation would re-send it.
+        if r.success {
+            if let Some(f) = self.inflight.get_mut(&(r.kind, key.clone())) {
+                f.sent_at = Instant::now();
+            }
+        } else {
+            self.inflight.remove(&(r.kind, key.clone()));
+        }
         match (r.kind, r.success) {
             (OperationKind::Install, false) => {
                 warn!(base = %self.base_id, module = %key, code = ?r.error_code, message = %r.message, "install failed");

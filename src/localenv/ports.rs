@@ -41,6 +41,24 @@ pub fn free_port() -> anyhow::Result<u16> {
     bail!("no unused free port found after {MAX_ATTEMPTS} attempts")
 }
 
+/// Whether something listens on TCP `127.0.0.1:port` (or the IPv4 wildcard), read from
+/// `/proc/net/tcp` so the probe neither connects (which servers log) nor binds (which could
+/// steal the port from a server still starting).
+pub fn is_listening(port: u16) -> anyhow::Result<bool> {
+    const TCP_LISTEN: &str = "0A";
+    let table = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
+    let wanted = [
+        format!("0100007F:{port:04X}"),
+        format!("00000000:{port:04X}"),
+    ];
+    Ok(table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        state == Some(TCP_LISTEN) && local.is_some_and(|l| wanted.iter().any(|w| w == l))
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +71,15 @@ mod tests {
         for port in ports.iter().take(5) {
             TcpListener::bind((Ipv4Addr::LOCALHOST, *port)).expect("handed-out port is bindable");
         }
+    }
+
+    #[test]
+    fn detects_a_listener() {
+        let port = free_port().expect("free port");
+        assert!(!is_listening(port).expect("proc readable"));
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind");
+        assert!(is_listening(port).expect("proc readable"));
+        drop(listener);
+        assert!(!is_listening(port).expect("proc readable"));
     }
 }

@@ -22,6 +22,11 @@ impl WasmBatch {
         WasmBatch { version, faults }
     }
 
+    /// The loaded version this wrapper calls.
+    pub(crate) fn version(&self) -> &Arc<PluginVersion> {
+        &self.version
+    }
+
     fn fail(&self, subject: &str, reason: &str, message: String) -> String {
         telemetry::failure(&self.version.name, PluginKind::BatchPolicy, reason);
         self.faults.emit(PluginFault {

@@ -124,10 +124,10 @@ pub(crate) struct CallContext {
     pub annotations: Option<Arc<BTreeMap<String, String>>>,
 }
 
-/// Why a call failed.
+/// Why a plugin call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CallFailure {
-    /// One of the fault reasons.
+pub struct CallFailure {
+    /// One of the fault [`reasons`](super::reasons).
     pub reason: &'static str,
     /// Detail.
     pub message: String,

@@ -183,16 +183,6 @@ impl PluginVersion {
         };
         invoke(self.engine, &self.pre, self.limits, ctx, f)
     }
-
-    /// Runs the plugin's own self-check (for `plugin check`).
-    pub(crate) fn self_check(&self) -> Result<Result<(), String>, CallFailure> {
-        let meta = wit_metadata::GuestIndices::new(&self.pre).map_err(|e| CallFailure {
-            reason: super::faults::reasons::TRAPPED,
-            message: format!("{e:#}"),
-        })?;
-        self.call(None, |store, inst| meta.load(&mut *store, inst)?.call_self_check(&mut *store))
-            .0
-    }
 }
 
 /// What a manifest entry asks to load.

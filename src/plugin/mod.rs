@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime};
 
 pub use faults::{PluginFault, reasons};
 pub use host::PluginHost;
+pub use limits::CallFailure;
 pub use loader::{API_VERSION, LoadError};
 pub use manifest::Manifest;
 

@@ -22,6 +22,11 @@ impl WasmOrdering {
         WasmOrdering { version, faults }
     }
 
+    /// The loaded version this wrapper calls.
+    pub(crate) fn version(&self) -> &Arc<PluginVersion> {
+        &self.version
+    }
+
     fn fail(&self, reason: &str, message: String) -> String {
         telemetry::failure(&self.version.name, PluginKind::StatusOrdering, reason);
         self.faults.emit(PluginFault {

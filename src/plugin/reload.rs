@@ -1,0 +1,74 @@
+//! Hot reload: watch the plugins directory, debounce, rescan.
+//!
+//! Any event counts as "something changed": ConfigMap volumes update by swapping the `..data`
+//! symlink, so watching individual files would miss updates. The rescan compares content
+//! hashes, so spurious events cost a few file reads. A periodic resync covers missed events.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use anyhow::Context;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, warn};
+
+use super::host::{Inner, PluginHost};
+
+/// A burst of events never delays a rescan by more than this many debounce periods.
+const MAX_DEBOUNCE_PERIODS: u32 = 5;
+
+/// Starts the watcher and the debounce task of `host`.
+pub(crate) fn watch(host: &PluginHost) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        match res {
+            Ok(ev) => debug!(kind = ?ev.kind, paths = ?ev.paths, "plugins directory event"),
+            Err(e) => warn!(error = %e, "plugins directory watch error"),
+        }
+        // Errors also trigger a rescan: the rescan is the source of truth.
+        let _ = tx.send(());
+    })
+    .context("creating the file watcher")?;
+    let dir = host.inner.cfg.dir.clone();
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    *host.inner.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+    tokio::spawn(debounce_loop(Arc::downgrade(&host.inner), rx));
+    Ok(())
+}
+
+async fn debounce_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<()>) {
+    let (debounce, resync) = match inner.upgrade() {
+        Some(i) => (i.cfg.debounce, i.cfg.resync_interval),
+        None => return,
+    };
+    loop {
+        match timeout(resync.max(Duration::from_millis(10)), rx.recv()).await {
+            // The watcher (owned by the host) is gone: the host was dropped.
+            Ok(None) => return,
+            Ok(Some(())) => quiet(&mut rx, debounce).await,
+            Err(_) => {} // periodic resync
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if tokio::task::spawn_blocking(move || inner.rescan()).await.is_err() {
+            warn!("plugin rescan panicked; will retry on the next change");
+        }
+    }
+}
+
+/// Waits until no event arrived for `debounce` (bounded), draining what comes meanwhile.
+async fn quiet(rx: &mut mpsc::UnboundedReceiver<()>, debounce: Duration) {
+    let hard_stop = Instant::now() + debounce * MAX_DEBOUNCE_PERIODS;
+    loop {
+        let until = (Instant::now() + debounce).min(hard_stop);
+        tokio::select! {
+            ev = rx.recv() => if ev.is_none() { return },
+            _ = sleep_until(until) => return,
+        }
+        if Instant::now() >= hard_stop {
+            return;
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Shared support for end-to-end tests: a private environment per test (namespace, env name,
+//! broker, controller) on the process-wide local control plane.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use module_controller::config::Settings;
+use module_controller::controller::{self, ControllerDeps, ControllerHandle};
+use module_controller::localenv::broker::Mosquitto;
+use module_controller::localenv::control_plane::ControlPlane;
+use module_controller::rollout::{BuiltinPolicies, PolicySource};
+use module_controller::sim::{SimBase, SimBaseConfig, SimTransport};
+use module_controller::tunnel::mqtt::MqttSettings;
+use module_controller::vpod::status::is_ready;
+use serde_json::json;
+
+/// Polls `f` every 200 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One test's world.
+pub struct TestEnv {
+    pub cp: &'static ControlPlane,
+    pub client: kube::Client,
+    pub broker: Mosquitto,
+    /// Namespace for this test's workloads.
+    pub ns: String,
+    /// Controller env (also isolates this test's VNodes from other tests').
+    pub env: String,
+    /// Base name this test's bases announce (Deployments select it).
+    pub base_name: String,
+    pub controller: Option<ControllerHandle>,
+    pub policies: Arc<dyn PolicySource>,
+    pub vnode_ttl: Duration,
+}
+
+impl TestEnv {
+    /// A fresh namespace, env and broker; no controller yet.
+    pub async fn new(name: &str) -> TestEnv {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,kube=warn,rumqttc=error".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let cp = ControlPlane::shared().await.expect("local control plane starts");
+        let client = cp.client().await.expect("client");
+        let broker = Mosquitto::start().await.expect("mosquitto starts");
+        let ns = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+        namespaces.create(&PostParams::default(), &nsobj).await.expect("create namespace");
+        let env = ns.replace('_', "-");
+        TestEnv {
+            cp,
+            client,
+            broker,
+            base_name: format!("base-{env}"),
+            ns,
+            env,
+            controller: None,
+            policies: Arc::new(BuiltinPolicies),
+            vnode_ttl: Duration::from_secs(600),
+        }
+    }
+
+    /// Controller settings for fast tests: 1 s heartbeats, NotReady after 3 s of silence.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            env: self.env.clone(),
+            client_id: format!("test-{}", self.env),
+            mqtt: Some(MqttSettings {
+                host: self.broker.host().to_string(),
+                port: self.broker.port(),
+                client_id: format!("koupleless@@@test-{}", self.env),
+                username: None,
+                password: None,
+                ca_path: None,
+                client_cert_path: None,
+                client_key_path: None,
+                keep_alive: Duration::from_secs(5),
+            }),
+            http_port: None,
+            workers: 8,
+            heartbeat_period: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(3),
+            vnode_ttl: self.vnode_ttl,
+            env_taint: true,
+            resync: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(3),
+            metrics_addr: None,
+            plugins_dir: None,
+            replicas_sync: false,
+        }
+    }
+
+    /// Starts (or restarts) the controller in this process.
+    pub async fn start_controller(&mut self) {
+        self.start_controller_with(self.settings()).await;
+    }
+
+    /// Starts the controller with explicit settings.
+    pub async fn start_controller_with(&mut self, settings: Settings) {
+        let handle = controller::start(
+            settings,
+            ControllerDeps {
+                client: self.cp.client().await.expect("client"),
+                policies: self.policies.clone(),
+                codecs: controller::no_plugin_codecs(),
+            },
+        )
+        .await
+        .expect("controller starts");
+        let ready = handle.ready.clone();
+        eventually(Duration::from_secs(30), "controller ready", || {
+            let r = ready.clone();
+            async move { r.load(std::sync::atomic::Ordering::SeqCst).then_some(()) }
+        })
+        .await;
+        self.controller = Some(handle);
+    }
+
+    /// Stops the controller.
+    pub async fn stop_controller(&mut self) {
+        if let Some(h) = self.controller.take() {
+            h.stop().await.expect("controller stops cleanly");
+        }
+    }
+
+    /// Base config for this test (its env, its base name, 1 s heartbeats).
+    pub fn base_config(&self, id: &str) -> SimBaseConfig {
+        let mut c = SimBaseConfig::new(id);
+        c.env = self.env.clone();
+        c.name = self.base_name.clone();
+        c.version = "1.0.0".into();
+        c.cluster_name = format!("cluster-{}", self.env);
+        c.heartbeat_interval = Duration::from_secs(1);
+        c
+    }
+
+    /// Starts a simulated MQTT base.
+    pub async fn mqtt_base(&self, id: &str) -> SimBase {
+        self.mqtt_base_with(self.base_config(id)).await
+    }
+
+    /// Starts a simulated MQTT base with a custom config.
+    pub async fn mqtt_base_with(&self, cfg: SimBaseConfig) -> SimBase {
+        SimBase::start(
+            cfg,
+            SimTransport::Mqtt {
+                host: self.broker.host().to_string(),
+                port: self.broker.port(),
+            },
+        )
+        .await
+        .expect("simulated base starts")
+    }
+
+    /// Node name of a base.
+    pub fn node_name(&self, id: &str) -> String {
+        format!("vnode.{id}.{}", self.env)
+    }
+
+    pub fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The module Deployment shape of `examples/` for this test's bases.
+    pub fn module_deployment(&self, name: &str, module: &str, version: &str, replicas: i32) -> Deployment {
+        serde_json::from_value(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                "template": {
+                    "metadata": {"labels": {"app": name, "virtual-kubelet.koupleless.io/component": "module"}},
+                    "spec": {
+                        "containers": [{
+                            "name": module,
+                            "image": format!("https://example.invalid/modules/{module}-{version}-ark-biz.jar"),
+                            "env": [{"name": "BIZ_VERSION", "value": version}]
+                        }],
+                        "affinity": {
+                            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [{"matchExpressions": [
+                                    {"key": "base.koupleless.io/name", "operator": "In", "values": [self.base_name]},
+                                    {"key": "base.koupleless.io/version", "operator": "In", "values": ["1.0.0"]}
+                                ]}]
+                            }},
+                            "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                                "labelSelector": {"matchLabels": {"app": name}},
+                                "topologyKey": "kubernetes.io/hostname"
+                            }]}
+                        },
+                        "tolerations": [
+                            {"key": "schedule.koupleless.io/virtual-node", "operator": "Equal", "value": "True", "effect": "NoExecute"},
+                            {"key": "schedule.koupleless.io/node-env", "operator": "Equal", "value": self.env, "effect": "NoExecute"}
+                        ]
+                    }
+                }
+            }
+        }))
+        .expect("deployment")
+    }
+
+    pub async fn apply_deployment(&self, d: &Deployment) {
+        let name = d.metadata.name.clone().expect("name");
+        self.deployments()
+            .patch(&name, &PatchParams::apply("e2e-test").force(), &Patch::Apply(d))
+            .await
+            .expect("apply deployment");
+    }
+
+    pub async fn scale(&self, name: &str, replicas: i32) {
+        self.deployments()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": replicas}})))
+            .await
+            .expect("scale");
+    }
+
+    /// Pods of a Deployment (by its `app` label).
+    pub async fn app_pods(&self, app: &str) -> Vec<Pod> {
+        self.pods()
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .expect("list pods")
+            .items
+    }
+
+    /// Waits until `n` pods of `app` exist, all Ready, none deleting.
+    pub async fn wait_ready_pods(&self, app: &str, n: usize, timeout: Duration) -> Vec<Pod> {
+        eventually(timeout, &format!("{n} Ready pods of {app}"), || async {
+            let pods = self.app_pods(app).await;
+            let live: Vec<Pod> = pods.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+            (live.len() == n && live.iter().all(|p| is_ready(p.status.as_ref()))).then_some(live)
+        })
+        .await
+    }
+
+    /// Ready condition status of a node ("True"/"False"/"Unknown"), if it exists.
+    pub async fn node_ready(&self, id: &str) -> Option<String> {
+        let n = self.nodes().get_opt(&self.node_name(id)).await.expect("get node")?;
+        n.status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status)
+    }
+}
+
+/// Events in `ns` about `pod` (events.k8s.io/v1 `regarding`).
+pub async fn pod_events(client: &kube::Client, ns: &str, pod: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+/// Labels map helper.
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}

@@ -1,0 +1,168 @@
+//! Shared setup of the plugin tests: the built example plugins, a plugins directory with a
+//! manifest, and a waiting helper. The simulated simple-agent base lives in `agent.rs`.
+
+#![allow(dead_code)]
+
+pub mod agent;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use module_controller::plugin::{PluginConfig, PluginFault};
+
+/// Directory of the built plugin components, building them first (once per test binary).
+/// `None` (after a loud message) only when the wasm32-wasip2 target cannot be installed.
+pub fn dist() -> Option<&'static Path> {
+    static DIST: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIST.get_or_init(build).as_deref()
+}
+
+fn build() -> Option<PathBuf> {
+    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let out = Command::new("bash")
+        .arg(plugins.join("build.sh"))
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("running plugins/build.sh");
+    if !out.status.success() {
+        let target_ok = Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2"))
+            .unwrap_or(false);
+        if !target_ok {
+            eprintln!(
+                "\n\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+                 !!! SKIPPING PLUGIN TESTS: the wasm32-wasip2 Rust target cannot be      !!!\n\
+                 !!! installed here (rustup target add wasm32-wasip2 failed).            !!!\n\
+                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n"
+            );
+            return None;
+        }
+        panic!(
+            "plugins/build.sh failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Some(plugins.join("dist"))
+}
+
+/// Returns early from a test when plugins cannot be built (after the loud message).
+#[macro_export]
+macro_rules! require_plugins {
+    () => {
+        match $crate::plugin_support::dist() {
+            Some(d) => d,
+            None => return,
+        }
+    };
+}
+
+/// The bytes of a built plugin, e.g. `plugin_bytes(dist, "default-ordering")`.
+pub fn plugin_bytes(dist: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dist.join(format!("{name}.wasm"))).unwrap_or_else(|e| panic!("reading plugin {name}: {e}"))
+}
+
+/// A temporary plugins directory and a private artefact cache.
+pub struct PluginDir {
+    pub dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+}
+
+impl PluginDir {
+    /// Empty directories.
+    pub fn new() -> PluginDir {
+        PluginDir {
+            dir: tempfile::Builder::new().prefix("mc-plugins-").tempdir().expect("plugins temp dir"),
+            cache: tempfile::Builder::new().prefix("mc-plugin-cache-").tempdir().expect("cache temp dir"),
+        }
+    }
+
+    /// Path of the plugins directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Copies built plugin `name` to `file` in the directory (atomically).
+    pub fn install(&self, dist: &Path, name: &str, file: &str) {
+        self.write(file, &plugin_bytes(dist, name));
+    }
+
+    /// Writes `file` atomically (temp + rename), as a careful operator would.
+    pub fn write(&self, file: &str, bytes: &[u8]) {
+        let dest = self.path().join(file);
+        let tmp = self.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, bytes).expect("writing plugin temp file");
+        std::fs::rename(&tmp, &dest).expect("renaming plugin file");
+    }
+
+    /// Writes the manifest.
+    pub fn manifest(&self, json: &serde_json::Value) {
+        self.write("plugins.json", json.to_string().as_bytes());
+    }
+
+    /// Host settings for this directory, with a short debounce for tests.
+    pub fn config(&self) -> PluginConfig {
+        let mut cfg = PluginConfig::new(self.path());
+        cfg.cache_dir = self.cache.path().to_path_buf();
+        cfg.debounce = Duration::from_millis(50);
+        cfg.fault_interval = Duration::ZERO;
+        cfg
+    }
+}
+
+/// Polls `f` every 10 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Drains every fault received so far.
+pub fn drain(rx: &mut tokio::sync::broadcast::Receiver<PluginFault>) -> Vec<PluginFault> {
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(f) => out.push(f),
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Appends a custom section to a wasm binary: a different file (and content hash) with the
+/// same behaviour, to make many distinct versions of one plugin.
+pub fn with_custom_section(wasm: &[u8], name: &str, data: &[u8]) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(data);
+    let mut out = wasm.to_vec();
+    out.push(0);
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}

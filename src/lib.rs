@@ -6,6 +6,7 @@
 pub mod base;
 pub mod config;
 pub mod controller;
+pub mod demo;
 pub mod kube_util;
 pub mod localenv;
 pub mod metrics;

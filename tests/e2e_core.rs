@@ -302,3 +302,112 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
     env.wait_ready_pods("after", 1, T).await;
     env.stop_controller().await;
 }
+
+/// Adds tolerations so pods leave a NotReady/unreachable node after 1 s (the default is 300 s).
+fn fast_eviction(d: &mut k8s_openapi::api::apps::v1::Deployment) {
+    let spec = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()).expect("pod spec");
+    let t = spec.tolerations.get_or_insert_with(Vec::new);
+    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+        t.push(k8s_openapi::api::core::v1::Toleration {
+            key: Some(key.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            toleration_seconds: Some(1),
+            value: None,
+        });
+    }
+}
+
+async fn host_of(env: &TestEnv, app: &str) -> String {
+    let pods = env.wait_ready_pods(app, 1, T).await;
+    pods[0].spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_move_off_silent_and_drained_bases() {
+    let mut env = TestEnv::new("moves").await;
+    env.start_controller().await;
+    let bases = [env.mqtt_base("v1").await, env.mqtt_base("v2").await, env.mqtt_base("v3").await];
+    for id in ["v1", "v2", "v3"] {
+        eventually(T, "VNode Ready", || async { (env.node_ready(id).await.as_deref() == Some("True")).then_some(()) }).await;
+    }
+    let mut d = env.module_deployment("mover", "mover", "1.0.0", 1);
+    fast_eviction(&mut d);
+    env.apply_deployment(&d).await;
+    let first = host_of(&env, "mover").await;
+    let idx = |node: &str| ["v1", "v2", "v3"].iter().position(|id| env.node_name(id) == node).expect("known node");
+
+    // Silent base: its VNode goes NotReady, Kubernetes evicts, the pod comes back elsewhere.
+    bases[idx(&first)].go_silent();
+    let second = eventually(Duration::from_secs(90), "pod Ready on another base", || async {
+        let pods = env.app_pods("mover").await;
+        pods.iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p.status.as_ref()))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .find(|n| *n != first)
+    })
+    .await;
+    assert!(bases[idx(&second)].active_modules().contains(&ModuleKey::new("mover", "1.0.0")));
+
+    // Graceful shutdown: drained at once, the pod moves again, the VNode is gone.
+    bases[idx(&second)].shutdown_graceful().await;
+    let third = eventually(T, "pod Ready on the last base", || async {
+        let pods = env.app_pods("mover").await;
+        pods.iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p.status.as_ref()))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .find(|n| *n != first && *n != second)
+    })
+    .await;
+    assert!(env.nodes().get_opt(&second).await.expect("get").is_none(), "drained VNode removed");
+    assert!(bases[idx(&third)].active_modules().contains(&ModuleKey::new("mover", "1.0.0")));
+    env.stop_controller().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vnode_of_a_base_that_never_returns_is_deleted_after_the_ttl() {
+    let mut env = TestEnv::new("ttl").await;
+    env.vnode_ttl = Duration::from_secs(8);
+    env.start_controller().await;
+    let b = env.mqtt_base("t1").await;
+    eventually(T, "VNode Ready", || async { (env.node_ready("t1").await.as_deref() == Some("True")).then_some(()) }).await;
+    b.go_silent();
+    eventually(T, "VNode NotReady", || async { (env.node_ready("t1").await.as_deref() == Some("False")).then_some(()) }).await;
+    assert!(env.nodes().get_opt(&env.node_name("t1")).await.expect("get").is_some(), "kept until the TTL");
+    eventually(T, "VNode deleted after the TTL", || async {
+        env.nodes().get_opt(&env.node_name("t1")).await.expect("get").is_none().then_some(())
+    })
+    .await;
+    // A base that comes back after that is a new base: a new VNode.
+    b.resume();
+    eventually(T, "VNode recreated", || async { (env.node_ready("t1").await.as_deref() == Some("True")).then_some(()) }).await;
+    env.stop_controller().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tunnel_bases_get_vnodes_and_modules() {
+    let mut env = TestEnv::new("http").await;
+    let port = module_controller::localenv::ports::free_port().expect("port");
+    let mut s = env.settings();
+    s.mqtt = None;
+    s.http_port = Some(port);
+    env.start_controller_with(s).await;
+    let base = module_controller::sim::SimBase::start(
+        env.base_config("h1"),
+        module_controller::sim::SimTransport::Http { controller_url: format!("http://127.0.0.1:{port}"), listen_port: 0 },
+    )
+    .await
+    .expect("http base");
+    eventually(T, "VNode Ready", || async { (env.node_ready("h1").await.as_deref() == Some("True")).then_some(()) }).await;
+    let node = env.nodes().get(&env.node_name("h1")).await.expect("node");
+    assert_eq!(node.metadata.labels.expect("labels")["vnode.koupleless.io/tunnel"], "http");
+    env.apply_deployment(&env.module_deployment("webbiz", "webbiz", "3.1.0", 1)).await;
+    env.wait_ready_pods("webbiz", 1, T).await;
+    assert_eq!(installs(&base, "webbiz"), vec!["3.1.0".to_string()]);
+    env.scale("webbiz", 0).await;
+    eventually(T, "uninstalled over HTTP", || async {
+        (!base.active_modules().contains(&ModuleKey::new("webbiz", "3.1.0")) && env.app_pods("webbiz").await.is_empty()).then_some(())
+    })
+    .await;
+    env.stop_controller().await;
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use module_controller::localenv::broker::Mosquitto;
 use module_controller::model::{BaseCommand, BizState, ModuleKey};
-use module_controller::sim::{SimBase, SimBaseConfig, SimTransport};
+use module_controller::sim::{SimBase, SimBaseConfig, SimFleet, SimTransport};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -650,4 +650,96 @@ async fn restart_forgets_modules_and_asks_for_the_baseline_again() {
         .await;
     let op = unwrap_envelope(&ctl.expect("b12", "bizOperation").await);
     assert_eq!(op["response"]["code"], "SUCCESS");
+}
+
+#[tokio::test]
+async fn a_fleet_runs_many_bases_with_indexed_identities() {
+    let broker = Mosquitto::start().await.expect("mosquitto starts");
+    let ctl = Controller::connect(&broker, "dev").await;
+    let fleet = SimFleet::start(20, config("f"), mqtt(&broker))
+        .await
+        .expect("fleet starts");
+    assert_eq!(fleet.bases().len(), 20);
+    for (i, base) in fleet.bases().iter().enumerate() {
+        let id = format!("f-{i}");
+        assert_eq!(base.identity(), id);
+        let hb = unwrap_envelope(&ctl.expect(&id, "heart").await);
+        assert_eq!(hb["baseMetadata"]["identity"], id.as_str());
+        assert_eq!(
+            hb["localHostName"], "host-f",
+            "an explicit host name is kept"
+        );
+    }
+    ctl.send("f-7", "installBiz", install_body("biz1", "1"))
+        .await;
+    let _ = ctl.expect("f-7", "bizOperation").await;
+    assert_eq!(fleet.bases()[7].active_modules().len(), 1);
+    assert!(
+        fleet.bases()[6].modules().is_empty(),
+        "commands reach one base only"
+    );
+    fleet.stop_all().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let n = ctl.all("f-3", "heart").len();
+    tokio::time::sleep(HEARTBEAT * 3).await;
+    assert_eq!(ctl.all("f-3", "heart").len(), n, "stopped bases are quiet");
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_bases_and_says_goodbye_on_sigterm() {
+    let broker = Mosquitto::start().await.expect("mosquitto starts");
+    let ctl = Controller::connect(&broker, "dev").await;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_base-sim"))
+        .args(["--mqtt-host", broker.host()])
+        .args(["--mqtt-port", &broker.port().to_string()])
+        .args([
+            "--count",
+            "2",
+            "--id-prefix",
+            "bin",
+            "--heartbeat-secs",
+            "1",
+        ])
+        .args(["--cluster", "c9", "--fail-module", "bad"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("base-sim spawns");
+    let mut child = ChildGuard(child);
+
+    let qb = unwrap_envelope(&ctl.expect("bin-1", "queryBaseline").await);
+    assert_eq!(qb["clusterName"], "c9");
+    let _ = ctl.expect("bin-0", "heart").await;
+    ctl.send("bin-1", "installBiz", install_body("bad", "1"))
+        .await;
+    let op = unwrap_envelope(&ctl.expect("bin-1", "bizOperation").await);
+    assert_eq!(op["response"]["code"], "FAILED");
+    assert_eq!(op["response"]["data"]["code"], "InstallBizFailed");
+
+    let pid = i32::try_from(child.0.id()).expect("pid fits");
+    // SAFETY: plain kill(2) on the child we spawned and still own.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "base-sim exits after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "clean exit: {status}");
+    for id in ["bin-0", "bin-1"] {
+        let beats = ctl.all(id, "heart");
+        let last = unwrap_envelope(&beats.last().expect("beats").json);
+        assert_eq!(last["state"], "DEACTIVATED", "{id} said goodbye");
+    }
 }

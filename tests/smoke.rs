@@ -289,9 +289,14 @@ async fn simulated_base_heartbeats_through_mosquitto() {
     .await
     .expect("simulated base starts");
 
+    // A base may beat once right after connecting; requiring the beats to span most of an
+    // interval proves the periodic heartbeat, not just the greeting.
     let mut heartbeats = Vec::new();
+    let mut first_at = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while heartbeats.len() < 2 {
+    while heartbeats.len() < 2
+        || first_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(900))
+    {
         let event = tokio::time::timeout_at(deadline, events.poll())
             .await
             .unwrap_or_else(|_| panic!("only {} heartbeats within 20s", heartbeats.len()))
@@ -301,6 +306,7 @@ async fn simulated_base_heartbeats_through_mosquitto() {
             let envelope: Envelope<WireHeartbeat> = serde_json::from_slice(&publish.payload)
                 .expect("heartbeat is an enveloped WireHeartbeat");
             heartbeats.push(envelope);
+            first_at.get_or_insert_with(Instant::now);
         }
     }
     let now_ms = chrono::Utc::now().timestamp_millis();
@@ -317,6 +323,7 @@ async fn simulated_base_heartbeats_through_mosquitto() {
             hb.publish_timestamp
         );
     }
+    base.shutdown_graceful().await;
     drop(base);
 
     // A restart keeps the port and replaces the process.

@@ -30,6 +30,9 @@ use crate::vpod::spec::{creation_secs, modules_of, pod_key};
 use crate::vpod::status::{Note, is_ready};
 use crate::vpod::writer;
 
+/// Node status is rewritten at least this often while nothing changes.
+const NODE_STATUS_REFRESH: Duration = Duration::from_secs(60);
+
 /// Settings every base actor shares.
 #[derive(Debug, Clone)]
 pub struct ActorSettings {
@@ -131,6 +134,7 @@ pub struct BaseActor {
     node_uid: Option<String>,
     applied_node: Option<Node>,
     written_node_status: Option<NodeStatus>,
+    node_status_written_at: Option<Instant>,
     ready_since: Time,
     last_lease: Option<Instant>,
 
@@ -174,6 +178,7 @@ impl BaseActor {
             node_uid: None,
             applied_node: None,
             written_node_status: None,
+            node_status_written_at: None,
             ready_since: now_time(),
             last_lease: None,
             pods: BTreeMap::new(),
@@ -655,13 +660,22 @@ impl BaseActor {
             NodeReadiness::NotReady
         };
         let status = shape::status(&input, readiness, self.ready_since.clone(), now_time());
-        if self
-            .written_node_status
-            .as_ref()
-            .is_none_or(|w| shape::status_differs(w, &status))
+        // Also refreshed periodically, as the kubelet does: the node lifecycle controller may
+        // overwrite the Ready condition, and we do not watch nodes.
+        let stale = self
+            .node_status_written_at
+            .is_none_or(|t| t.elapsed() >= NODE_STATUS_REFRESH);
+        if stale
+            || self
+                .written_node_status
+                .as_ref()
+                .is_none_or(|w| shape::status_differs(w, &status))
         {
             match lease::patch_node_status(&self.ctx, &self.node_name, &status).await {
-                Ok(()) => self.written_node_status = Some(status),
+                Ok(()) => {
+                    self.written_node_status = Some(status);
+                    self.node_status_written_at = Some(Instant::now());
+                }
                 Err(e) if lease::is_not_found(&e) => {
                     warn!(node = %self.node_name, "VNode was deleted externally; recreating");
                     self.node_uid = None;

@@ -136,6 +136,10 @@ mod tests {
             find_program("definitely-not-a-program-mc", &["/nonexistent"]),
             None
         );
-        assert!(!is_executable(Path::new("/etc/hostname")));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("data.txt");
+        std::fs::write(&plain, "x").expect("write");
+        assert!(!is_executable(&plain), "a 0644 file is not a program");
+        assert!(!is_executable(dir.path()), "a directory is not a program");
     }
 }

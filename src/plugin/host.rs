@@ -187,6 +187,8 @@ impl PluginHost {
                 content_hash: v.hash.clone(),
                 file: v.file.clone(),
                 loaded_at: v.loaded_at,
+                load_time: v.load_time,
+                from_cache: v.from_cache,
             })
             .collect()
     }

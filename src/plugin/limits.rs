@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, trace, warn};
 use wasmtime::component::{HasSelf, InstancePre, Linker};
-use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 
 use super::bindings::{wit_host, wit_rollout_context};
 use super::engine::budget_ticks;
@@ -17,10 +17,14 @@ use super::faults::reasons;
 /// Tables a plugin may grow to (elements); Rust guests need a few hundred.
 const TABLE_LIMIT: usize = 100_000;
 
+/// However starved of CPU a call is, it is interrupted after this many budgets of wall time.
+const WALL_CAP_FACTOR: u32 = 4;
+
 /// Per-call resource caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
-    /// Wall-clock budget of one call, instantiation included.
+    /// CPU-time budget of one call, instantiation included (wall time is capped at
+    /// `WALL_CAP_FACTOR` budgets).
     pub budget: Duration,
     /// Cap on the linear memory of the plugin instance.
     pub memory_bytes: usize,
@@ -169,8 +173,23 @@ pub(crate) fn invoke<R>(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
+    // The epoch deadline fires after `budget` of wall time; the callback then charges only
+    // the CPU time this thread really spent, so a call preempted on a busy node is not
+    // failed for time it never had, while the wall cap still bounds a starved one.
     store.set_epoch_deadline(budget_ticks(limits.budget));
-    store.epoch_deadline_trap();
+    let cpu_start = thread_cpu_time();
+    let budget = limits.budget;
+    let wall_cap = budget.saturating_mul(WALL_CAP_FACTOR);
+    store.epoch_deadline_callback(move |_| {
+        let cpu_used = match (cpu_start, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => start.elapsed(),
+        };
+        if cpu_used >= budget || start.elapsed() >= wall_cap {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::Continue(budget_ticks(budget - cpu_used)))
+    });
     let result = pre
         .instantiate(&mut store)
         .and_then(|instance| f(&mut store, &instance));
@@ -183,12 +202,26 @@ pub(crate) fn invoke<R>(
     (result, stats)
 }
 
+/// CPU time consumed by the calling thread so far (None where the clock is unavailable).
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    Some(Duration::new(u64::try_from(ts.tv_sec).ok()?, u32::try_from(ts.tv_nsec).ok()?))
+}
+
 fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: Limits, elapsed: Duration) -> CallFailure {
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return CallFailure {
             reason: reasons::TIMED_OUT,
             message: format!(
-                "interrupted after {} ms (budget {} ms)",
+                "interrupted after {} ms (CPU budget {} ms)",
                 elapsed.as_millis(),
                 limits.budget.as_millis()
             ),

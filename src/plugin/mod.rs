@@ -136,4 +136,8 @@ pub struct LoadedPlugin {
     pub file: PathBuf,
     /// When this version was loaded.
     pub loaded_at: SystemTime,
+    /// Time from reading the file to a validated version (compile or cache load included).
+    pub load_time: Duration,
+    /// Whether the compiled code came from the artefact cache.
+    pub from_cache: bool,
 }

@@ -255,7 +255,13 @@ async fn run_query_baseline(
     let url = format!("{controller_url}/queryBaseline");
     let metadata = wire::metadata(&shared.cfg);
     let mut backoff = BACKOFF_MIN;
+    let mut silent = shared.silent.subscribe();
     let body = loop {
+        // A silent base sends nothing, not even this.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = silent.wait_for(|s| !*s) => {}
+        }
         let attempt = async {
             let resp = client.post(&url).json(&metadata).send().await?;
             let status = resp.status();

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use thiserror::Error;
 
 use crate::model::{BaseCommand, ModuleKey, ModuleSpec, ModuleStatus};
@@ -103,8 +102,7 @@ fn require(command: &str, field: &'static str, value: &str) -> Result<(), Comman
 }
 
 /// A base's answer to one command, transport-neutral.
-#[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Reply {
     /// installBiz / uninstallBiz.
     Operation(WireBizOperation),

@@ -87,7 +87,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
             if let TunnelEvent::Operation(op) = &ev.event
                 && op.success
             {
-                s.installs_ok.entry(ev.base_id.clone()).or_default().push(op.name.clone());
+                s.installs_ok.entry(ev.base_id.clone()).or_default().push(op.version.clone());
             }
         }
     });
@@ -122,14 +122,15 @@ async fn adapter_swap_keeps_bases_and_commands() {
         let mut k = 0u32;
         while !st.load(std::sync::atomic::Ordering::Relaxed) {
             for b in BASES {
-                let name = format!("mod-{k}");
+                // One module upgraded again and again: each command is told apart by its version.
+                let version = format!("1.0.{k}");
                 let cmd = BaseCommand::Install(ModuleSpec {
-                    name: name.clone(),
-                    version: "1.0.0".into(),
-                    url: format!("http://repo/{name}.jar"),
+                    name: "svc".into(),
+                    version: version.clone(),
+                    url: format!("http://repo/svc-{version}.jar"),
                 });
                 t.send(b, &cmd).await.expect("command handed to the tunnel");
-                sn.lock().expect("sent lock").entry(b.to_string()).or_default().push(name);
+                sn.lock().expect("sent lock").entry(b.to_string()).or_default().push(version);
             }
             k += 1;
             tokio::time::sleep(Duration::from_millis(15)).await;
@@ -170,7 +171,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
                 .commands()
                 .iter()
                 .filter(|c| c["op"] == "install")
-                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .filter_map(|c| c["version"].as_str().map(str::to_string))
                 .collect();
             let ok = seen.lock().expect("seen lock").installs_ok.get(&a.node).cloned().unwrap_or_default();
             got == sent[&a.node] && ok == sent[&a.node]
@@ -182,7 +183,18 @@ async fn adapter_swap_keeps_bases_and_commands() {
             for a in &agents {
                 let got = a.commands().iter().filter(|c| c["op"] == "install").count();
                 let ok = seen.lock().expect("seen lock").installs_ok.get(&a.node).map_or(0, Vec::len);
-                eprintln!("{}: sent {} received {got} results {ok}", a.node, sent[&a.node].len());
+                let names: Vec<String> = a
+                    .commands()
+                    .iter()
+                    .filter_map(|c| c["version"].as_str().map(str::to_string))
+                    .collect();
+                let missing: Vec<&String> = sent[&a.node].iter().filter(|n| !names.contains(n)).collect();
+                eprintln!(
+                    "{}: sent {} received {got} results {ok}; missing {missing:?}; agent errors {:?}",
+                    a.node,
+                    sent[&a.node].len(),
+                    a.connection_errors().first()
+                );
             }
             panic!("commands or results lost across adapter swaps");
         }

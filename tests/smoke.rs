@@ -297,10 +297,10 @@ async fn simulated_base_heartbeats_through_mosquitto() {
     while heartbeats.len() < 2
         || first_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(900))
     {
-        let event = tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .unwrap_or_else(|_| panic!("only {} heartbeats within 20s", heartbeats.len()))
-            .expect("subscriber connection stays up");
+        let Ok(polled) = tokio::time::timeout_at(deadline, events.poll()).await else {
+            panic!("only {} heartbeats within 20s", heartbeats.len());
+        };
+        let event = polled.expect("subscriber connection stays up");
         if let Event::Incoming(Packet::Publish(publish)) = event {
             assert_eq!(publish.topic, "koupleless_dev/smoke-1/base/heart");
             let envelope: Envelope<WireHeartbeat> = serde_json::from_slice(&publish.payload)

@@ -4,16 +4,17 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use module_controller::sim::{SimBaseConfig, SimFleet, SimTransport};
 use tracing_subscriber::EnvFilter;
 
 /// Simulated Koupleless bases for local runs and scale tests.
 #[derive(Debug, Parser)]
-#[command(name = "base-sim", version, about)]
+#[command(name = "base-sim", version)]
+#[command(group(ArgGroup::new("tunnel").required(true).args(["mqtt_host", "http_controller"])))]
 struct Args {
     /// MQTT broker host (MQTT tunnel); exclusive with --http-controller.
-    #[arg(long, env = "BASE_SIM_MQTT_HOST", conflicts_with = "http_controller")]
+    #[arg(long, env = "BASE_SIM_MQTT_HOST")]
     mqtt_host: Option<String>,
     /// MQTT broker port.
     #[arg(long, env = "BASE_SIM_MQTT_PORT", default_value_t = 1883)]

@@ -598,12 +598,11 @@ async fn wait_etcd(owned: &mut Owned, port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
         ensure_running(owned, "etcd")?;
-        if let Ok(response) = http.get(&url).send().await {
-            if let Ok(body) = response.text().await {
-                if body.contains("\"health\":\"true\"") {
-                    return Ok(());
-                }
-            }
+        if let Ok(response) = http.get(&url).send().await
+            && let Ok(body) = response.text().await
+            && body.contains("\"health\":\"true\"")
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(timeout_error(owned, "etcd /health"));

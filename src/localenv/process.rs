@@ -179,17 +179,21 @@ impl ManagedProcess {
         while self.is_running() && Instant::now() < deadline {
             thread::sleep(EXIT_POLL);
         }
-        if let Some(mut child) = self.child.take() {
-            if self.exit_status.is_none() {
-                tracing::warn!(process = %self.name, pid = self.pid, "did not exit after SIGTERM; sending SIGKILL");
-                if let Err(error) = child.kill() {
-                    tracing::warn!(process = %self.name, pid = self.pid, %error, "SIGKILL failed");
-                }
-                match child.wait() {
-                    Ok(status) => self.exit_status = Some(status),
-                    Err(error) => {
-                        tracing::warn!(process = %self.name, pid = self.pid, %error, "reaping failed")
-                    }
+        if let Some(mut child) = self.child.take()
+            && self.exit_status.is_none()
+        {
+            tracing::warn!(
+                process = %self.name,
+                pid = self.pid,
+                "did not exit after SIGTERM; sending SIGKILL"
+            );
+            if let Err(error) = child.kill() {
+                tracing::warn!(process = %self.name, pid = self.pid, %error, "SIGKILL failed");
+            }
+            match child.wait() {
+                Ok(status) => self.exit_status = Some(status),
+                Err(error) => {
+                    tracing::warn!(process = %self.name, pid = self.pid, %error, "reaping failed")
                 }
             }
         }

@@ -124,10 +124,16 @@ impl TestEnv {
 
     /// Starts the controller with explicit settings.
     pub async fn start_controller_with(&mut self, settings: Settings) {
+        let client = self.cp.client().await.expect("client");
+        self.start_controller_as(settings, client).await;
+    }
+
+    /// Starts the controller with explicit settings and its own client (e.g. other credentials).
+    pub async fn start_controller_as(&mut self, settings: Settings, client: kube::Client) {
         let handle = controller::start(
             settings,
             ControllerDeps {
-                client: self.cp.client().await.expect("client"),
+                client,
                 policies: self.policies.clone(),
                 codecs: controller::no_plugin_codecs(),
             },

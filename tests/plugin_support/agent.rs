@@ -23,6 +23,7 @@ struct AgentState {
     modules: Vec<(String, String)>,
     commands: Vec<Value>,
     statuses_sent: u64,
+    connection_errors: Vec<String>,
 }
 
 impl SimpleAgent {
@@ -65,7 +66,10 @@ impl SimpleAgent {
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        loop_state.lock().expect("agent state lock").connection_errors.push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                 }
             }
         });
@@ -114,6 +118,11 @@ impl SimpleAgent {
     /// Modules installed now.
     pub fn modules(&self) -> Vec<(String, String)> {
         self.state.lock().expect("agent state lock").modules.clone()
+    }
+
+    /// Connection errors the agent's MQTT client saw.
+    pub fn connection_errors(&self) -> Vec<String> {
+        self.state.lock().expect("agent state lock").connection_errors.clone()
     }
 
     /// Status messages published so far.

@@ -416,11 +416,13 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        let e = parse(&["--mqtt-port", "notaport"]).err().expect("bad port");
+        let Err(e) = parse(&["--mqtt-port", "notaport"]) else {
+            panic!("bad port accepted")
+        };
         assert!(e.to_string().contains("MQTT_PORT"), "{e}");
-        let e = parse(&["--enable-http-tunnel", "maybe"])
-            .err()
-            .expect("bad bool");
+        let Err(e) = parse(&["--enable-http-tunnel", "maybe"]) else {
+            panic!("bad bool accepted")
+        };
         assert!(e.to_string().contains("ENABLE_HTTP_TUNNEL"), "{e}");
     }
 

@@ -85,8 +85,14 @@ async fn print_state(client: &kube::Client, app: &str) -> anyhow::Result<(usize,
             .unwrap_or_else(|| "Unknown".into());
         println!("{:<34} {:<8}", n.metadata.name.unwrap_or_default(), ready);
     }
-    println!("{:<34} {:<7} {:<10} {:<26} STATE", "POD", "READY", "PHASE", "NODE");
-    let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await?.items;
+    println!(
+        "{:<34} {:<7} {:<10} {:<26} STATE",
+        "POD", "READY", "PHASE", "NODE"
+    );
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await?
+        .items;
     let mut ready = 0;
     for p in &list {
         let r = is_ready(p.status.as_ref());
@@ -111,8 +117,14 @@ async fn print_state(client: &kube::Client, app: &str) -> anyhow::Result<(usize,
             "{:<34} {:<7} {:<10} {:<26} {}",
             p.metadata.name.clone().unwrap_or_default(),
             r,
-            p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default(),
-            p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| "<pending>".into()),
+            p.status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default(),
+            p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_else(|| "<pending>".into()),
             state
         );
     }
@@ -125,16 +137,32 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.deployment.display()))?;
     let deployment: Deployment = serde_yaml::from_str(&yaml)
         .with_context(|| format!("{} is not a Deployment", args.deployment.display()))?;
-    let name = deployment.metadata.name.clone().context("the Deployment has no name")?;
-    let ns = deployment.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let replicas = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
+    let name = deployment
+        .metadata
+        .name
+        .clone()
+        .context("the Deployment has no name")?;
+    let ns = deployment
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let replicas = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .max(0) as usize;
 
-    println!("starting a local control plane (etcd, kube-apiserver, kube-scheduler, kube-controller-manager)...");
+    println!(
+        "starting a local control plane (etcd, kube-apiserver, kube-scheduler, kube-controller-manager)..."
+    );
     let cp = ControlPlane::start(ControlPlaneOptions::default())
         .await
         .context("starting the local control plane (run scripts/provision.sh once to build it)")?;
     let client = cp.client().await?;
-    let broker = EmbeddedBroker::start(free_port()?).context("starting the embedded MQTT broker")?;
+    let broker =
+        EmbeddedBroker::start(free_port()?).context("starting the embedded MQTT broker")?;
     let metrics_port = free_port()?;
     println!("embedded MQTT broker on 127.0.0.1:{}", broker.port());
 
@@ -158,16 +186,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let fleet = SimFleet::start(
         args.bases,
         template,
-        SimTransport::Mqtt { host: "127.0.0.1".into(), port: broker.port() },
+        SimTransport::Mqtt {
+            host: "127.0.0.1".into(),
+            port: broker.port(),
+        },
     )
     .await
     .context("starting simulated bases")?;
-    println!("{} simulated bases connected; applying {}", args.bases, args.deployment.display());
+    println!(
+        "{} simulated bases connected; applying {}",
+        args.bases,
+        args.deployment.display()
+    );
 
     let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    api.patch(&name, &PatchParams::apply("module-controller-demo").force(), &Patch::Apply(&deployment))
-        .await
-        .with_context(|| format!("applying Deployment {ns}/{name}"))?;
+    api.patch(
+        &name,
+        &PatchParams::apply("module-controller-demo").force(),
+        &Patch::Apply(&deployment),
+    )
+    .await
+    .with_context(|| format!("applying Deployment {ns}/{name}"))?;
 
     let start = Instant::now();
     let mut done = false;
@@ -180,14 +219,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     if !done {
-        bail!("modules did not become Ready within {} s (logs: {})", args.timeout_secs, cp.log_dir().display());
+        bail!(
+            "modules did not become Ready within {} s (logs: {})",
+            args.timeout_secs,
+            cp.log_dir().display()
+        );
     }
-    println!("\nall {replicas} module pods are Running and Ready after {:.1} s.", start.elapsed().as_secs_f64());
+    println!(
+        "\nall {replicas} module pods are Running and Ready after {:.1} s.",
+        start.elapsed().as_secs_f64()
+    );
     for b in fleet.bases() {
         let active: Vec<String> = b.active_modules().iter().map(|k| k.to_string()).collect();
         println!("  base {} runs {:?}", b.identity(), active);
     }
-    println!("\npoint kubectl at it:\n  export KUBECONFIG={}\n  kubectl get nodes,pods -o wide\n  kubectl scale deployment/{name} --replicas=1\nmetrics: http://127.0.0.1:{metrics_port}/metrics", cp.kubeconfig_path().display());
+    println!(
+        "\npoint kubectl at it:\n  export KUBECONFIG={}\n  kubectl get nodes,pods -o wide\n  kubectl scale deployment/{name} --replicas=1\nmetrics: http://127.0.0.1:{metrics_port}/metrics",
+        cp.kubeconfig_path().display()
+    );
     if !args.exit_when_ready {
         println!("\nrunning until Ctrl-C");
         let _ = tokio::signal::ctrl_c().await;

@@ -26,14 +26,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the controller (the default when no subcommand is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Quick start: local control plane, embedded broker, controller and simulated bases.
     Demo(module_controller::demo::DemoArgs),
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=error,rumqttc=warn,rumqttd=off"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=error,rumqttc=warn,rumqttd=off")
+    });
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -112,7 +113,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Some(Cmd::Run(args)) => run(args).await,
+            Some(Cmd::Run(args)) => run(*args).await,
             Some(Cmd::Demo(args)) => module_controller::demo::run(args).await,
             None => run(cli.run).await,
         }

@@ -44,7 +44,10 @@ fn uninstalls(b: &SimBase, module: &str) -> Vec<String> {
 
 async fn lease_renew_time(env: &TestEnv, id: &str) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), "kube-node-lease");
-    let l = leases.get_opt(&env.node_name(id)).await.expect("get lease")?;
+    let l = leases
+        .get_opt(&env.node_name(id))
+        .await
+        .expect("get lease")?;
     l.spec?.renew_time.map(|t| format!("{:?}", t.0))
 }
 
@@ -55,18 +58,39 @@ async fn base_lifecycle_drives_vnode_readiness_lease_and_removal() {
     let base = env.mqtt_base("b1").await;
 
     // Online → Ready VNode of the reference shape, with a Lease.
-    eventually(T, "VNode Ready", || async { (env.node_ready("b1").await.as_deref() == Some("True")).then_some(()) }).await;
+    eventually(T, "VNode Ready", || async {
+        (env.node_ready("b1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
     let node = env.nodes().get(&env.node_name("b1")).await.expect("node");
     let labels = node.metadata.labels.clone().expect("labels");
     assert_eq!(labels["base.koupleless.io/name"], env.base_name);
     assert_eq!(labels["virtual-kubelet.koupleless.io/env"], env.env);
     assert_eq!(labels["virtual-kubelet.koupleless.io/component"], "vnode");
     let taints = node.spec.clone().expect("spec").taints.expect("taints");
-    assert!(taints.iter().any(|t| t.key == "schedule.koupleless.io/virtual-node" && t.effect == "NoExecute"));
-    assert!(taints.iter().any(|t| t.key == "schedule.koupleless.io/node-env" && t.value.as_deref() == Some(env.env.as_str())));
-    let addrs = node.status.clone().expect("status").addresses.expect("addresses");
+    assert!(
+        taints
+            .iter()
+            .any(|t| t.key == "schedule.koupleless.io/virtual-node" && t.effect == "NoExecute")
+    );
+    assert!(
+        taints
+            .iter()
+            .any(|t| t.key == "schedule.koupleless.io/node-env"
+                && t.value.as_deref() == Some(env.env.as_str()))
+    );
+    let addrs = node
+        .status
+        .clone()
+        .expect("status")
+        .addresses
+        .expect("addresses");
     assert!(addrs.iter().any(|a| a.type_ == "InternalIP"));
-    let alloc = node.status.expect("status").allocatable.expect("allocatable");
+    let alloc = node
+        .status
+        .expect("status")
+        .allocatable
+        .expect("allocatable");
     assert!(alloc.contains_key("pods") && alloc.contains_key("cpu"));
     let first = eventually(T, "lease", || lease_renew_time(&env, "b1")).await;
     eventually(T, "lease renewed", || async {
@@ -76,19 +100,34 @@ async fn base_lifecycle_drives_vnode_readiness_lease_and_removal() {
 
     // Silent → NotReady, and the Lease is no longer renewed.
     base.go_silent();
-    eventually(T, "VNode NotReady", || async { (env.node_ready("b1").await.as_deref() != Some("True")).then_some(()) }).await;
+    eventually(T, "VNode NotReady", || async {
+        (env.node_ready("b1").await.as_deref() != Some("True")).then_some(())
+    })
+    .await;
     let frozen = lease_renew_time(&env, "b1").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(lease_renew_time(&env, "b1").await, frozen, "lease must not be renewed for a silent base");
+    assert_eq!(
+        lease_renew_time(&env, "b1").await,
+        frozen,
+        "lease must not be renewed for a silent base"
+    );
 
     // Back → Ready again.
     base.resume();
-    eventually(T, "VNode Ready again", || async { (env.node_ready("b1").await.as_deref() == Some("True")).then_some(()) }).await;
+    eventually(T, "VNode Ready again", || async {
+        (env.node_ready("b1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
 
     // Graceful shutdown → VNode gone.
     base.shutdown_graceful().await;
     eventually(T, "VNode removed", || async {
-        env.nodes().get_opt(&env.node_name("b1")).await.expect("get").is_none().then_some(())
+        env.nodes()
+            .get_opt(&env.node_name("b1"))
+            .await
+            .expect("get")
+            .is_none()
+            .then_some(())
     })
     .await;
     env.stop_controller().await;
@@ -101,21 +140,32 @@ async fn deployment_installs_modules_and_scale_down_uninstalls_them() {
     let b1 = env.mqtt_base("m1").await;
     let b2 = env.mqtt_base("m2").await;
     for id in ["m1", "m2"] {
-        eventually(T, "VNode Ready", || async { (env.node_ready(id).await.as_deref() == Some("True")).then_some(()) }).await;
+        eventually(T, "VNode Ready", || async {
+            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
     }
-    env.apply_deployment(&env.module_deployment("biz1", "biz1", "0.0.1", 2)).await;
+    env.apply_deployment(&env.module_deployment("biz1", "biz1", "0.0.1", 2))
+        .await;
     let pods = env.wait_ready_pods("biz1", 2, T).await;
     for p in &pods {
         let st = p.status.as_ref().expect("status");
         assert_eq!(st.phase.as_deref(), Some("Running"));
-        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound");
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .expect("bound");
         assert!(node.starts_with("vnode."), "bound to a VNode: {node}");
         assert!(st.pod_ip.is_some(), "podIP is the base IP");
     }
     let key = ModuleKey::new("biz1", "0.0.1");
     let total_installs: usize = [&b1, &b2].iter().map(|b| installs(b, "biz1").len()).sum();
     assert!(total_installs >= 2, "install commands on the wire");
-    let on_nodes: std::collections::BTreeSet<String> = pods.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    let on_nodes: std::collections::BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
     for (id, b) in [("m1", &b1), ("m2", &b2)] {
         assert_eq!(
             on_nodes.contains(&env.node_name(id)),
@@ -127,9 +177,16 @@ async fn deployment_installs_modules_and_scale_down_uninstalls_them() {
     // Scale down → uninstall on the wire → pod gone, module gone from that base.
     env.scale("biz1", 1).await;
     env.wait_ready_pods("biz1", 1, T).await;
-    eventually(T, "old pod removed", || async { (env.app_pods("biz1").await.len() == 1).then_some(()) }).await;
+    eventually(T, "old pod removed", || async {
+        (env.app_pods("biz1").await.len() == 1).then_some(())
+    })
+    .await;
     let remaining = env.app_pods("biz1").await;
-    let remaining_node = remaining[0].spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound");
+    let remaining_node = remaining[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("bound");
     eventually(T, "module uninstalled where the pod went away", || async {
         let active: usize = [("m1", &b1), ("m2", &b2)]
             .iter()
@@ -140,7 +197,10 @@ async fn deployment_installs_modules_and_scale_down_uninstalls_them() {
     })
     .await;
     for (id, b) in [("m1", &b1), ("m2", &b2)] {
-        assert_eq!(env.node_name(id) == remaining_node, b.active_modules().contains(&key));
+        assert_eq!(
+            env.node_name(id) == remaining_node,
+            b.active_modules().contains(&key)
+        );
     }
     env.stop_controller().await;
 }
@@ -151,13 +211,32 @@ async fn install_failures_and_invalid_specs_are_visible_on_the_pod() {
     env.start_controller().await;
     let base = env.mqtt_base("f1").await;
     base.fail_installs("badbiz", "InstallBizFailed", "jar not found at URL");
-    eventually(T, "VNode Ready", || async { (env.node_ready("f1").await.as_deref() == Some("True")).then_some(()) }).await;
-    env.apply_deployment(&env.module_deployment("badbiz", "badbiz", "1.0.0", 1)).await;
+    eventually(T, "VNode Ready", || async {
+        (env.node_ready("f1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
+    env.apply_deployment(&env.module_deployment("badbiz", "badbiz", "1.0.0", 1))
+        .await;
     let (pod, reason, message) = eventually(T, "failure reason on the container", || async {
         let pods = env.app_pods("badbiz").await;
         let p = pods.into_iter().next()?;
-        let w = p.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.clone()?;
-        (w.reason.as_deref() == Some("Arklet.InstallBizFailed")).then(|| (p.metadata.name.clone().unwrap_or_default(), w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+        let w = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .first()?
+            .state
+            .as_ref()?
+            .waiting
+            .clone()?;
+        (w.reason.as_deref() == Some("Arklet.InstallBizFailed")).then(|| {
+            (
+                p.metadata.name.clone().unwrap_or_default(),
+                w.reason.unwrap_or_default(),
+                w.message.unwrap_or_default(),
+            )
+        })
     })
     .await;
     assert_eq!(reason, "Arklet.InstallBizFailed");
@@ -165,28 +244,54 @@ async fn install_failures_and_invalid_specs_are_visible_on_the_pod() {
     let pods = env.app_pods("badbiz").await;
     assert!(!is_ready(pods[0].status.as_ref()));
     eventually(T, "Warning Event on the pod", || async {
-        pod_events(&env.client, &env.ns, &pod).await.into_iter().find(|(r, n)| r == "ArkletInstallBizFailed" && n.contains("jar not found")).map(|_| ())
+        pod_events(&env.client, &env.ns, &pod)
+            .await
+            .into_iter()
+            .find(|(r, n)| r == "ArkletInstallBizFailed" && n.contains("jar not found"))
+            .map(|_| ())
     })
     .await;
 
     // A container without BIZ_VERSION gets a clear reason and an Event, not silence.
     let mut bad = env.module_deployment("nover", "nover", "1.0.0", 1);
-    if let Some(c) = bad.spec.as_mut().and_then(|s| s.template.spec.as_mut()).and_then(|s| s.containers.first_mut()) {
+    if let Some(c) = bad
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .and_then(|s| s.containers.first_mut())
+    {
         c.env = None;
     }
     env.apply_deployment(&bad).await;
     let pod = eventually(T, "invalid spec reason", || async {
         let p = env.app_pods("nover").await.into_iter().next()?;
-        let w = p.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.clone()?;
-        (w.reason.as_deref() == Some("User.InvalidParameter") && w.message.as_deref().unwrap_or("").contains("BIZ_VERSION"))
-            .then(|| p.metadata.name.clone().unwrap_or_default())
+        let w = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .first()?
+            .state
+            .as_ref()?
+            .waiting
+            .clone()?;
+        (w.reason.as_deref() == Some("User.InvalidParameter")
+            && w.message.as_deref().unwrap_or("").contains("BIZ_VERSION"))
+        .then(|| p.metadata.name.clone().unwrap_or_default())
     })
     .await;
     eventually(T, "Event for the invalid spec", || async {
-        pod_events(&env.client, &env.ns, &pod).await.into_iter().find(|(r, _)| r == "UserInvalidParameter").map(|_| ())
+        pod_events(&env.client, &env.ns, &pod)
+            .await
+            .into_iter()
+            .find(|(r, _)| r == "UserInvalidParameter")
+            .map(|_| ())
     })
     .await;
-    assert!(installs(&base, "nover").is_empty(), "an invalid module is never sent to the base");
+    assert!(
+        installs(&base, "nover").is_empty(),
+        "an invalid module is never sent to the base"
+    );
     env.stop_controller().await;
 }
 
@@ -196,7 +301,8 @@ async fn controller_restart_reinstalls_nothing_and_never_flaps_ready() {
     env.start_controller().await;
     let b1 = env.mqtt_base("r1").await;
     let b2 = env.mqtt_base("r2").await;
-    env.apply_deployment(&env.module_deployment("biz", "biz", "1.0.0", 2)).await;
+    env.apply_deployment(&env.module_deployment("biz", "biz", "1.0.0", 2))
+        .await;
     env.wait_ready_pods("biz", 2, T).await;
     let before = installs(&b1, "biz").len() + installs(&b2, "biz").len();
 
@@ -211,7 +317,9 @@ async fn controller_restart_reinstalls_nothing_and_never_flaps_ready() {
                 && p.metadata.deletion_timestamp.is_none()
                 && !is_ready(p.status.as_ref())
             {
-                f.lock().expect("lock").push(p.metadata.name.unwrap_or_default());
+                f.lock()
+                    .expect("lock")
+                    .push(p.metadata.name.unwrap_or_default());
             }
         }
     });
@@ -223,8 +331,15 @@ async fn controller_restart_reinstalls_nothing_and_never_flaps_ready() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     watch.abort();
     let after = installs(&b1, "biz").len() + installs(&b2, "biz").len();
-    assert_eq!(after, before, "no install command after a controller restart");
-    assert!(flaps.lock().expect("lock").is_empty(), "pods went NotReady: {:?}", flaps.lock().expect("lock"));
+    assert_eq!(
+        after, before,
+        "no install command after a controller restart"
+    );
+    assert!(
+        flaps.lock().expect("lock").is_empty(),
+        "pods went NotReady: {:?}",
+        flaps.lock().expect("lock")
+    );
     env.wait_ready_pods("biz", 2, Duration::from_secs(5)).await;
     for id in ["r1", "r2"] {
         assert_eq!(env.node_ready(id).await.as_deref(), Some("True"));
@@ -238,23 +353,34 @@ async fn broker_restart_loses_and_duplicates_nothing() {
     env.start_controller().await;
     let b1 = env.mqtt_base("k1").await;
     let b2 = env.mqtt_base("k2").await;
-    env.apply_deployment(&env.module_deployment("biz", "biz", "2.0.0", 1)).await;
+    env.apply_deployment(&env.module_deployment("biz", "biz", "2.0.0", 1))
+        .await;
     env.wait_ready_pods("biz", 1, T).await;
 
     env.broker.restart().await.expect("broker restarts");
     // After the outage: both VNodes Ready again and a scale-up reaches the bases.
     for id in ["k1", "k2"] {
-        eventually(T, "VNode Ready after broker restart", || async { (env.node_ready(id).await.as_deref() == Some("True")).then_some(()) }).await;
+        eventually(T, "VNode Ready after broker restart", || async {
+            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
     }
     env.scale("biz", 2).await;
     let pods = env.wait_ready_pods("biz", 2, T).await;
     let key = ModuleKey::new("biz", "2.0.0");
-    let nodes: std::collections::BTreeSet<String> = pods.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    let nodes: std::collections::BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
     let mut per_base: HashMap<&str, usize> = HashMap::new();
     for (id, b) in [("k1", &b1), ("k2", &b2)] {
         let n = b.active_modules().iter().filter(|k| **k == key).count();
         assert!(n <= 1, "module duplicated on {id}");
-        assert_eq!(n == 1, nodes.contains(&env.node_name(id)), "module on {id} iff a pod is bound there");
+        assert_eq!(
+            n == 1,
+            nodes.contains(&env.node_name(id)),
+            "module on {id} iff a pod is bound there"
+        );
         per_base.insert(id, n);
     }
     assert_eq!(per_base.values().sum::<usize>(), nodes.len());
@@ -266,7 +392,10 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
     let mut env = TestEnv::new("flood").await;
     env.start_controller().await;
     let _b = env.mqtt_base("x1").await;
-    eventually(T, "VNode Ready", || async { (env.node_ready("x1").await.as_deref() == Some("True")).then_some(()) }).await;
+    eventually(T, "VNode Ready", || async {
+        (env.node_ready("x1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
     let malformed0 = received_count("malformed");
     let stale0 = received_count("stale");
     let unknown0 = received_count("unknown_base");
@@ -278,36 +407,82 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
     let p = |t: &str| format!("koupleless_{}/x1/{t}", env.env);
     let old = module_controller::protocol::arklet::now_ms() - 60_000;
     for i in 0..200 {
-        client.publish(p("base/heart"), QoS::AtLeastOnce, false, format!("{{garbage {i}")).await.expect("pub");
-        client.publish(p("base/simpleBiz"), QoS::AtLeastOnce, false, r#"{"publishTimestamp":1,"data":{"not":"a list"}}"#).await.expect("pub");
+        client
+            .publish(
+                p("base/heart"),
+                QoS::AtLeastOnce,
+                false,
+                format!("{{garbage {i}"),
+            )
+            .await
+            .expect("pub");
+        client
+            .publish(
+                p("base/simpleBiz"),
+                QoS::AtLeastOnce,
+                false,
+                r#"{"publishTimestamp":1,"data":{"not":"a list"}}"#,
+            )
+            .await
+            .expect("pub");
     }
     for _ in 0..100 {
-        let stale = format!(r#"{{"publishTimestamp":{old},"data":{{"baseMetadata":{{"identity":"x1"}},"state":"DEACTIVATED"}}}}"#);
-        client.publish(p("base/heart"), QoS::AtLeastOnce, false, stale).await.expect("pub");
+        let stale = format!(
+            r#"{{"publishTimestamp":{old},"data":{{"baseMetadata":{{"identity":"x1"}},"state":"DEACTIVATED"}}}}"#
+        );
+        client
+            .publish(p("base/heart"), QoS::AtLeastOnce, false, stale)
+            .await
+            .expect("pub");
         // A base nobody knows, speaking out of turn.
         let ghost = format!("koupleless_{}/ghost/base/simpleBiz", env.env);
-        let body = format!(r#"{{"publishTimestamp":{},"data":[]}}"#, module_controller::protocol::arklet::now_ms());
-        client.publish(ghost, QoS::AtLeastOnce, false, body).await.expect("pub");
+        let body = format!(
+            r#"{{"publishTimestamp":{},"data":[]}}"#,
+            module_controller::protocol::arklet::now_ms()
+        );
+        client
+            .publish(ghost, QoS::AtLeastOnce, false, body)
+            .await
+            .expect("pub");
         // Another env: not even delivered to us.
-        client.publish("koupleless_otherenv/x1/base/heart", QoS::AtLeastOnce, false, "{}").await.expect("pub");
+        client
+            .publish(
+                "koupleless_otherenv/x1/base/heart",
+                QoS::AtLeastOnce,
+                false,
+                "{}",
+            )
+            .await
+            .expect("pub");
     }
     eventually(T, "drops counted", || async {
-        (received_count("malformed") >= malformed0 + 400 && received_count("stale") >= stale0 + 100 && received_count("unknown_base") >= unknown0 + 100).then_some(())
+        (received_count("malformed") >= malformed0 + 400
+            && received_count("stale") >= stale0 + 100
+            && received_count("unknown_base") >= unknown0 + 100)
+            .then_some(())
     })
     .await;
     pump.abort();
     // Still serving: the (stale) DEACTIVATED heartbeats did not drain the base, and modules install.
     assert_eq!(env.node_ready("x1").await.as_deref(), Some("True"));
-    env.apply_deployment(&env.module_deployment("after", "after", "1.0.0", 1)).await;
+    env.apply_deployment(&env.module_deployment("after", "after", "1.0.0", 1))
+        .await;
     env.wait_ready_pods("after", 1, T).await;
     env.stop_controller().await;
 }
 
 /// Adds tolerations so pods leave a NotReady/unreachable node after 1 s (the default is 300 s).
 fn fast_eviction(d: &mut k8s_openapi::api::apps::v1::Deployment) {
-    let spec = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()).expect("pod spec");
+    let spec = d
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .expect("pod spec");
     let t = spec.tolerations.get_or_insert_with(Vec::new);
-    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
         t.push(k8s_openapi::api::core::v1::Toleration {
             key: Some(key.into()),
             operator: Some("Exists".into()),
@@ -320,34 +495,58 @@ fn fast_eviction(d: &mut k8s_openapi::api::apps::v1::Deployment) {
 
 async fn host_of(env: &TestEnv, app: &str) -> String {
     let pods = env.wait_ready_pods(app, 1, T).await;
-    pods[0].spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound")
+    pods[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("bound")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_move_off_silent_and_drained_bases() {
     let mut env = TestEnv::new("moves").await;
     env.start_controller().await;
-    let bases = [env.mqtt_base("v1").await, env.mqtt_base("v2").await, env.mqtt_base("v3").await];
+    let bases = [
+        env.mqtt_base("v1").await,
+        env.mqtt_base("v2").await,
+        env.mqtt_base("v3").await,
+    ];
     for id in ["v1", "v2", "v3"] {
-        eventually(T, "VNode Ready", || async { (env.node_ready(id).await.as_deref() == Some("True")).then_some(()) }).await;
+        eventually(T, "VNode Ready", || async {
+            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
     }
     let mut d = env.module_deployment("mover", "mover", "1.0.0", 1);
     fast_eviction(&mut d);
     env.apply_deployment(&d).await;
     let first = host_of(&env, "mover").await;
-    let idx = |node: &str| ["v1", "v2", "v3"].iter().position(|id| env.node_name(id) == node).expect("known node");
+    let idx = |node: &str| {
+        ["v1", "v2", "v3"]
+            .iter()
+            .position(|id| env.node_name(id) == node)
+            .expect("known node")
+    };
 
     // Silent base: its VNode goes NotReady, Kubernetes evicts, the pod comes back elsewhere.
     bases[idx(&first)].go_silent();
-    let second = eventually(Duration::from_secs(90), "pod Ready on another base", || async {
-        let pods = env.app_pods("mover").await;
-        pods.iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p.status.as_ref()))
-            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
-            .find(|n| *n != first)
-    })
+    let second = eventually(
+        Duration::from_secs(90),
+        "pod Ready on another base",
+        || async {
+            let pods = env.app_pods("mover").await;
+            pods.iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p.status.as_ref()))
+                .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+                .find(|n| *n != first)
+        },
+    )
     .await;
-    assert!(bases[idx(&second)].active_modules().contains(&ModuleKey::new("mover", "1.0.0")));
+    assert!(
+        bases[idx(&second)]
+            .active_modules()
+            .contains(&ModuleKey::new("mover", "1.0.0"))
+    );
 
     // Graceful shutdown: drained at once, the pod moves again, the VNode is gone.
     bases[idx(&second)].shutdown_graceful().await;
@@ -359,8 +558,15 @@ async fn pods_move_off_silent_and_drained_bases() {
             .find(|n| *n != first && *n != second)
     })
     .await;
-    assert!(env.nodes().get_opt(&second).await.expect("get").is_none(), "drained VNode removed");
-    assert!(bases[idx(&third)].active_modules().contains(&ModuleKey::new("mover", "1.0.0")));
+    assert!(
+        env.nodes().get_opt(&second).await.expect("get").is_none(),
+        "drained VNode removed"
+    );
+    assert!(
+        bases[idx(&third)]
+            .active_modules()
+            .contains(&ModuleKey::new("mover", "1.0.0"))
+    );
     env.stop_controller().await;
 }
 
@@ -370,17 +576,38 @@ async fn vnode_of_a_base_that_never_returns_is_deleted_after_the_ttl() {
     env.vnode_ttl = Duration::from_secs(8);
     env.start_controller().await;
     let b = env.mqtt_base("t1").await;
-    eventually(T, "VNode Ready", || async { (env.node_ready("t1").await.as_deref() == Some("True")).then_some(()) }).await;
+    eventually(T, "VNode Ready", || async {
+        (env.node_ready("t1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
     b.go_silent();
-    eventually(T, "VNode NotReady", || async { (env.node_ready("t1").await.as_deref() == Some("False")).then_some(()) }).await;
-    assert!(env.nodes().get_opt(&env.node_name("t1")).await.expect("get").is_some(), "kept until the TTL");
+    eventually(T, "VNode NotReady", || async {
+        (env.node_ready("t1").await.as_deref() == Some("False")).then_some(())
+    })
+    .await;
+    assert!(
+        env.nodes()
+            .get_opt(&env.node_name("t1"))
+            .await
+            .expect("get")
+            .is_some(),
+        "kept until the TTL"
+    );
     eventually(T, "VNode deleted after the TTL", || async {
-        env.nodes().get_opt(&env.node_name("t1")).await.expect("get").is_none().then_some(())
+        env.nodes()
+            .get_opt(&env.node_name("t1"))
+            .await
+            .expect("get")
+            .is_none()
+            .then_some(())
     })
     .await;
     // A base that comes back after that is a new base: a new VNode.
     b.resume();
-    eventually(T, "VNode recreated", || async { (env.node_ready("t1").await.as_deref() == Some("True")).then_some(()) }).await;
+    eventually(T, "VNode recreated", || async {
+        (env.node_ready("t1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
     env.stop_controller().await;
 }
 
@@ -394,19 +621,33 @@ async fn http_tunnel_bases_get_vnodes_and_modules() {
     env.start_controller_with(s).await;
     let base = module_controller::sim::SimBase::start(
         env.base_config("h1"),
-        module_controller::sim::SimTransport::Http { controller_url: format!("http://127.0.0.1:{port}"), listen_port: 0 },
+        module_controller::sim::SimTransport::Http {
+            controller_url: format!("http://127.0.0.1:{port}"),
+            listen_port: 0,
+        },
     )
     .await
     .expect("http base");
-    eventually(T, "VNode Ready", || async { (env.node_ready("h1").await.as_deref() == Some("True")).then_some(()) }).await;
+    eventually(T, "VNode Ready", || async {
+        (env.node_ready("h1").await.as_deref() == Some("True")).then_some(())
+    })
+    .await;
     let node = env.nodes().get(&env.node_name("h1")).await.expect("node");
-    assert_eq!(node.metadata.labels.expect("labels")["vnode.koupleless.io/tunnel"], "http");
-    env.apply_deployment(&env.module_deployment("webbiz", "webbiz", "3.1.0", 1)).await;
+    assert_eq!(
+        node.metadata.labels.expect("labels")["vnode.koupleless.io/tunnel"],
+        "http"
+    );
+    env.apply_deployment(&env.module_deployment("webbiz", "webbiz", "3.1.0", 1))
+        .await;
     env.wait_ready_pods("webbiz", 1, T).await;
     assert_eq!(installs(&base, "webbiz"), vec!["3.1.0".to_string()]);
     env.scale("webbiz", 0).await;
     eventually(T, "uninstalled over HTTP", || async {
-        (!base.active_modules().contains(&ModuleKey::new("webbiz", "3.1.0")) && env.app_pods("webbiz").await.is_empty()).then_some(())
+        (!base
+            .active_modules()
+            .contains(&ModuleKey::new("webbiz", "3.1.0"))
+            && env.app_pods("webbiz").await.is_empty())
+        .then_some(())
     })
     .await;
     env.stop_controller().await;

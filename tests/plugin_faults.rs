@@ -6,7 +6,9 @@ mod plugin_support;
 use std::time::{Duration, Instant};
 
 use module_controller::plugin::{PluginHost, PluginKind, reasons};
-use module_controller::rollout::ordering::{OrderingError, StatusChange, default_waves, order_with};
+use module_controller::rollout::ordering::{
+    OrderingError, StatusChange, default_waves, order_with,
+};
 use plugin_support::{PluginDir, drain, wait_for};
 use serde_json::json;
 
@@ -18,7 +20,10 @@ const WALL_CAP: Duration = Duration::from_millis(200);
 
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec into the valid `ts`.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "thread CPU clock");
@@ -45,7 +50,11 @@ async fn host_with_ordering(d: &PluginDir, dist: &std::path::Path, fixture: &str
     cfg.call_budget = BUDGET;
     cfg.memory_limit_bytes = 16 << 20;
     let host = PluginHost::start(cfg).await.expect("host starts");
-    assert!(host.load_errors().is_empty(), "{fixture} must load: {:?}", host.load_errors());
+    assert!(
+        host.load_errors().is_empty(),
+        "{fixture} must load: {:?}",
+        host.load_errors()
+    );
     assert_eq!(host.ordering_rule().name(), "rule");
     host
 }
@@ -69,10 +78,21 @@ async fn assert_cut_off(fixture: &str, reason: &str) {
         })
         .await
         .expect("call thread");
-        assert!(cpu <= BUDGET + SLACK, "{fixture}: call used {cpu:?} of CPU, budget {BUDGET:?}");
-        assert!(elapsed <= WALL_CAP + SLACK, "{fixture}: call took {elapsed:?} of wall time");
-        assert_eq!(waves, default_waves(&c), "{fixture}: the default must decide");
-        let err = err.unwrap_or_else(|| panic!("{fixture}: the failure must be reported to the caller"));
+        assert!(
+            cpu <= BUDGET + SLACK,
+            "{fixture}: call used {cpu:?} of CPU, budget {BUDGET:?}"
+        );
+        assert!(
+            elapsed <= WALL_CAP + SLACK,
+            "{fixture}: call took {elapsed:?} of wall time"
+        );
+        assert_eq!(
+            waves,
+            default_waves(&c),
+            "{fixture}: the default must decide"
+        );
+        let err =
+            err.unwrap_or_else(|| panic!("{fixture}: the failure must be reported to the caller"));
         if reason != reasons::INVALID_OUTPUT {
             assert!(
                 matches!(&err, OrderingError::RuleFailed(m) if m.starts_with(reason)),
@@ -81,7 +101,11 @@ async fn assert_cut_off(fixture: &str, reason: &str) {
         }
     }
     let got = drain(&mut faults);
-    assert_eq!(got.len(), 3, "{fixture}: one fault per failed call (interval 0): {got:?}");
+    assert_eq!(
+        got.len(),
+        3,
+        "{fixture}: one fault per failed call (interval 0): {got:?}"
+    );
     for f in &got {
         assert_eq!(f.reason, reason, "{fixture}: {f:?}");
         assert_eq!(f.plugin, "rule");
@@ -99,7 +123,11 @@ async fn assert_cut_off(fixture: &str, reason: &str) {
         let rule = host.ordering_rule();
         rule.order(&c).ok()
     });
-    assert_eq!(served, Some(default_waves(&c)), "{fixture}: replacement must serve");
+    assert_eq!(
+        served,
+        Some(default_waves(&c)),
+        "{fixture}: replacement must serve"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,8 +166,15 @@ async fn many_concurrent_faulty_calls_do_not_hurt_the_host() {
         }));
     }
     for t in threads {
-        assert!(t.join().expect("caller thread"), "every call must fall back to the default");
+        assert!(
+            t.join().expect("caller thread"),
+            "every call must fall back to the default"
+        );
     }
     // 20 calls of 50 ms on 4 threads: ~250 ms; far less than 20 serial budgets plus slack.
-    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
 }

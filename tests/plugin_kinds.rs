@@ -16,7 +16,9 @@ use serde_json::json;
 
 /// Deterministic pseudo-random status changes.
 fn changes(n: usize, seed: u64) -> Vec<StatusChange> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -49,12 +51,19 @@ async fn ordering_plugin_decides_like_the_builtin() {
     for (n, seed) in [(1, 1), (2, 2), (10, 3), (100, 4), (1000, 5)] {
         let c = changes(n, seed);
         let got = rule.order(&c).expect("plugin orders");
-        assert_eq!(got, default_waves(&c), "plugin and built-in differ for {n} changes");
+        assert_eq!(
+            got,
+            default_waves(&c),
+            "plugin and built-in differ for {n} changes"
+        );
         let (waves, err) = order_with(rule.as_ref(), &c);
         assert!(err.is_none());
         assert_eq!(waves, default_waves(&c));
     }
-    assert!(drain(&mut faults).is_empty(), "no faults for a healthy plugin");
+    assert!(
+        drain(&mut faults).is_empty(),
+        "no faults for a healthy plugin"
+    );
 
     let status = host.status();
     assert_eq!(status.len(), 1);
@@ -70,14 +79,26 @@ async fn no_manifest_means_builtins() {
     let d = PluginDir::new();
     let host = PluginHost::start(d.config()).await.expect("host starts");
     assert_eq!(host.ordering_rule().name(), "builtin-default");
-    assert_eq!(host.batch_policy_for(&BTreeMap::new()).name(), "builtin-admit-all");
+    assert_eq!(
+        host.batch_policy_for(&BTreeMap::new()).name(),
+        "builtin-admit-all"
+    );
     assert!(host.codecs().borrow().is_empty());
     assert!(host.status().is_empty());
 }
 
-fn view(desired: u32, ready: u32, installing: u32, since_ready_ms: Option<u64>, approved: bool) -> RolloutView {
+fn view(
+    desired: u32,
+    ready: u32,
+    installing: u32,
+    since_ready_ms: Option<u64>,
+    approved: bool,
+) -> RolloutView {
     let mut annotations = BTreeMap::new();
-    annotations.insert("module-controller.koupleless.io/batch-policy".to_string(), "canary".to_string());
+    annotations.insert(
+        "module-controller.koupleless.io/batch-policy".to_string(),
+        "canary".to_string(),
+    );
     if approved {
         annotations.insert("example.com/go".to_string(), "yes".to_string());
     }
@@ -132,28 +153,46 @@ async fn canary_batch_policy_paces_a_rollout() {
     let (d1, err) = decide_with(policy.as_ref(), &v, &pending(4));
     assert!(err.is_none(), "{err:?}");
     assert_eq!(d1.admit, vec![3]);
-    assert_eq!(d1.hold_reason.as_deref(), Some("waiting for the canary (batch 1 of 3)"));
+    assert_eq!(
+        d1.hold_reason.as_deref(),
+        Some("waiting for the canary (batch 1 of 3)")
+    );
 
     // Canary installing: hold everything.
     let (d2, _) = decide_with(policy.as_ref(), &view(4, 0, 1, None, false), &pending(3));
     assert!(d2.admit.is_empty());
-    assert_eq!(d2.hold_reason.as_deref(), Some("batch 1 of 3 is installing"));
+    assert_eq!(
+        d2.hold_reason.as_deref(),
+        Some("batch 1 of 3 is installing")
+    );
 
     // Canary Ready, no approval: hold with a reason naming the annotation.
-    let (d3, _) = decide_with(policy.as_ref(), &view(4, 1, 0, Some(5_000), false), &pending(3));
+    let (d3, _) = decide_with(
+        policy.as_ref(),
+        &view(4, 1, 0, Some(5_000), false),
+        &pending(3),
+    );
     assert!(d3.admit.is_empty());
     let reason = d3.hold_reason.unwrap_or_default();
     assert!(reason.starts_with("waiting for approval"), "{reason}");
     assert!(reason.contains("example.com/go=yes"), "{reason}");
 
     // Approved but soaking: "batch 2 of 3 opens in 15s".
-    let (d4, _) = decide_with(policy.as_ref(), &view(4, 1, 0, Some(5_000), true), &pending(3));
+    let (d4, _) = decide_with(
+        policy.as_ref(),
+        &view(4, 1, 0, Some(5_000), true),
+        &pending(3),
+    );
     assert!(d4.admit.is_empty());
     assert_eq!(d4.hold_reason.as_deref(), Some("batch 2 of 3 opens in 15s"));
     assert_eq!(d4.recheck_after_ms, Some(15_000));
 
     // Soaked: 50% of 4 = 2 installs, the oldest ones.
-    let (d5, _) = decide_with(policy.as_ref(), &view(4, 1, 0, Some(25_000), true), &pending(3));
+    let (d5, _) = decide_with(
+        policy.as_ref(),
+        &view(4, 1, 0, Some(25_000), true),
+        &pending(3),
+    );
     assert_eq!(d5.admit, vec![1, 2]);
     assert_eq!(d5.hold_reason.as_deref(), Some("waiting for batch 3 of 3"));
 }
@@ -172,7 +211,10 @@ async fn batch_policy_selection_by_annotation_and_default() {
     let ann = |v: &str| BTreeMap::from([("example.com/policy".to_string(), v.to_string())]);
     assert_eq!(host.batch_policy_for(&BTreeMap::new()).name(), "canary");
     assert_eq!(host.batch_policy_for(&ann("canary")).name(), "canary");
-    assert_eq!(host.batch_policy_for(&ann("builtin")).name(), "builtin-admit-all");
+    assert_eq!(
+        host.batch_policy_for(&ann("builtin")).name(),
+        "builtin-admit-all"
+    );
     // Unknown selection: the default decides and a fault says why.
     assert_eq!(host.batch_policy_for(&ann("nope")).name(), "canary");
     let f = drain(&mut faults);
@@ -196,7 +238,11 @@ async fn tunnel_adapter_translates_both_ways() {
     assert_eq!(set.len(), 1);
     let codec = &set[0];
     assert_eq!(codec.name(), "simple");
-    assert!(codec.subscriptions().contains(&"lab/agents/+/status".to_string()));
+    assert!(
+        codec
+            .subscriptions()
+            .contains(&"lab/agents/+/status".to_string())
+    );
     assert!(codec.handles("lab/agents/n7/status"));
     assert!(!codec.handles("koupleless_dev/n7/base/heart"));
 
@@ -216,10 +262,26 @@ async fn tunnel_adapter_translates_both_ways() {
         }
         other => panic!("unexpected events {other:?}"),
     }
-    let stale = codec.decode("lab/agents/n7/status", status.to_string().as_bytes(), now + 120_000);
-    assert!(matches!(stale, Err(module_controller::tunnel::codec::DecodeError::Stale { .. })), "{stale:?}");
+    let stale = codec.decode(
+        "lab/agents/n7/status",
+        status.to_string().as_bytes(),
+        now + 120_000,
+    );
+    assert!(
+        matches!(
+            stale,
+            Err(module_controller::tunnel::codec::DecodeError::Stale { .. })
+        ),
+        "{stale:?}"
+    );
     let bad = codec.decode("lab/agents/n7/status", b"{not json", now);
-    assert!(matches!(bad, Err(module_controller::tunnel::codec::DecodeError::Malformed(_))), "{bad:?}");
+    assert!(
+        matches!(
+            bad,
+            Err(module_controller::tunnel::codec::DecodeError::Malformed(_))
+        ),
+        "{bad:?}"
+    );
 
     let out = codec
         .encode(
@@ -234,7 +296,10 @@ async fn tunnel_adapter_translates_both_ways() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].topic, "lab/agents/n7/cmd");
     let payload: serde_json::Value = serde_json::from_slice(&out[0].payload).expect("json command");
-    assert_eq!(payload, json!({"op": "install", "name": "m", "version": "2", "url": "http://repo/m-2.jar"}));
+    assert_eq!(
+        payload,
+        json!({"op": "install", "name": "m", "version": "2", "url": "http://repo/m-2.jar"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,8 +321,14 @@ async fn sandbox_and_api_version_refusals_are_clear() {
         },
         "ordering": "wrong-kind"
     }));
-    let host = PluginHost::start(d.config()).await.expect("host starts despite broken plugins");
-    assert!(host.status().is_empty(), "nothing may load: {:?}", host.status());
+    let host = PluginHost::start(d.config())
+        .await
+        .expect("host starts despite broken plugins");
+    assert!(
+        host.status().is_empty(),
+        "nothing may load: {:?}",
+        host.status()
+    );
     assert_eq!(host.ordering_rule().name(), "builtin-default");
     let errors: BTreeMap<String, String> = host
         .load_errors()
@@ -265,15 +336,40 @@ async fn sandbox_and_api_version_refusals_are_clear() {
         .inspect(|f| assert_eq!(f.reason, reasons::LOAD_FAILED))
         .map(|f| (f.plugin, f.message))
         .collect();
-    let msg = |k: &str| errors.get(k).cloned().unwrap_or_else(|| panic!("no load error for {k}: {errors:?}"));
-    assert!(msg("sockets").contains("wasi:sockets/"), "{}", msg("sockets"));
+    let msg = |k: &str| {
+        errors
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("no load error for {k}: {errors:?}"))
+    };
+    assert!(
+        msg("sockets").contains("wasi:sockets/"),
+        "{}",
+        msg("sockets")
+    );
     assert!(msg("sockets").contains("no network"), "{}", msg("sockets"));
-    assert!(msg("old").contains("built for plugin API 0.9.0"), "{}", msg("old"));
+    assert!(
+        msg("old").contains("built for plugin API 0.9.0"),
+        "{}",
+        msg("old")
+    );
     assert!(msg("old").contains("speaks 1.0.0"), "{}", msg("old"));
-    assert!(msg("wrong-kind").contains("bound as a status-ordering plugin"), "{}", msg("wrong-kind"));
-    assert!(msg("garbage").contains("cannot compile"), "{}", msg("garbage"));
+    assert!(
+        msg("wrong-kind").contains("bound as a status-ordering plugin"),
+        "{}",
+        msg("wrong-kind")
+    );
+    assert!(
+        msg("garbage").contains("cannot compile"),
+        "{}",
+        msg("garbage")
+    );
     assert!(msg("missing").contains("cannot read"), "{}", msg("missing"));
-    assert!(msg("bad-config").contains("init() refused its config"), "{}", msg("bad-config"));
+    assert!(
+        msg("bad-config").contains("init() refused its config"),
+        "{}",
+        msg("bad-config")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,8 +386,14 @@ async fn compiled_artefacts_are_cached_by_content_hash() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
-    assert!(cached[0].starts_with(&hash) && cached[0].ends_with(".cwasm"), "{cached:?}");
-    assert!(!d.path().join(&cached[0]).exists(), "never written into the plugins dir");
+    assert!(
+        cached[0].starts_with(&hash) && cached[0].ends_with(".cwasm"),
+        "{cached:?}"
+    );
+    assert!(
+        !d.path().join(&cached[0]).exists(),
+        "never written into the plugins dir"
+    );
     drop(first);
 
     // A corrupt artefact is discarded and rebuilt, not trusted.
@@ -299,9 +401,17 @@ async fn compiled_artefacts_are_cached_by_content_hash() {
     std::fs::write(&artefact, b"corrupt").expect("corrupting the artefact");
     let second = PluginHost::start(d.config()).await.expect("host starts");
     assert_eq!(second.ordering_rule().name(), "ord");
-    assert!(std::fs::metadata(&artefact).expect("artefact rewritten").len() > 1000);
+    assert!(
+        std::fs::metadata(&artefact)
+            .expect("artefact rewritten")
+            .len()
+            > 1000
+    );
     let c = changes(10, 9);
-    assert_eq!(second.ordering_rule().order(&c).expect("orders"), default_waves(&c));
+    assert_eq!(
+        second.ordering_rule().order(&c).expect("orders"),
+        default_waves(&c)
+    );
 }
 
 fn cli(cmd: PluginCommand) -> (anyhow::Result<()>, String) {
@@ -371,7 +481,13 @@ fn cli_checks_and_dry_runs_every_example() {
     assert!(r.is_ok(), "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON output");
     assert_eq!(v["decision"], json!([[1], [2, 0]]));
-    assert!(v["fallback"].as_str().unwrap_or_default().contains("more than once"), "{v}");
+    assert!(
+        v["fallback"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("more than once"),
+        "{v}"
+    );
 
     std::fs::write(
         input.path(),
@@ -389,6 +505,9 @@ fn cli_checks_and_dry_runs_every_example() {
     assert!(r.is_ok(), "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON output");
     assert_eq!(v["decoded"][0]["events"][0]["base_id"], "n1", "{v}");
-    assert_eq!(v["encoded"][0]["messages"][0]["payload"], r#"{"op":"health"}"#, "{v}");
+    assert_eq!(
+        v["encoded"][0]["messages"][0]["payload"], r#"{"op":"health"}"#,
+        "{v}"
+    );
     let _ = Duration::ZERO;
 }

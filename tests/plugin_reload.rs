@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use module_controller::plugin::{PluginHost, reasons};
-use module_controller::rollout::ordering::{StatusChange, default_waves, enforce_invariant, order_with};
+use module_controller::rollout::ordering::{
+    StatusChange, default_waves, enforce_invariant, order_with,
+};
 use plugin_support::{PluginDir, drain, plugin_bytes, wait_for, with_custom_section};
 use serde_json::json;
 
@@ -102,7 +104,13 @@ impl Driver {
         let failed = Arc::new(AtomicU64::new(0));
         let other = Arc::new(AtomicU64::new(0));
         let latest = Arc::new(Mutex::new((0, Instant::now())));
-        let (s, c, f, o, l) = (stop.clone(), calls.clone(), failed.clone(), other.clone(), latest.clone());
+        let (s, c, f, o, l) = (
+            stop.clone(),
+            calls.clone(),
+            failed.clone(),
+            other.clone(),
+            latest.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let input = changes();
             let want_default = default_waves(&input);
@@ -171,23 +179,35 @@ async fn hot_reload_under_load() {
     let valid = plugin_bytes(dist, "default-ordering");
     let broken: Vec<(&str, Vec<u8>)> = vec![
         ("truncated", valid[..valid.len() / 2].to_vec()),
-        ("garbage", b"\0asm\x0d\0\x01\0 definitely not a component".to_vec()),
+        (
+            "garbage",
+            b"\0asm\x0d\0\x01\0 definitely not a component".to_vec(),
+        ),
         ("old API", plugin_bytes(dist, "fixture-old-api")),
-        ("imports sockets", plugin_bytes(dist, "fixture-imports-sockets")),
+        (
+            "imports sockets",
+            plugin_bytes(dist, "fixture-imports-sockets"),
+        ),
     ];
-    let manifest = json!({"plugins": {"rule": {"file": "rule.wasm"}}, "ordering": "rule"}).to_string();
+    let manifest =
+        json!({"plugins": {"rule": {"file": "rule.wasm"}}, "ordering": "rule"}).to_string();
 
     let d = PluginDir::new();
     let mut cm = ConfigMapDir::new(
         d.path(),
-        &[("rule.wasm", &good[0].1), ("plugins.json", manifest.as_bytes())],
+        &[
+            ("rule.wasm", &good[0].1),
+            ("plugins.json", manifest.as_bytes()),
+        ],
     );
     let host = PluginHost::start(d.config()).await.expect("host starts");
     let mut faults = host.faults();
     assert_eq!(host.ordering_rule().name(), "rule");
     let driver = Driver::start(host.clone());
     assert!(
-        driver.served_after(Instant::now(), SEEN_DEFAULT, SERVE_WITHIN).is_some(),
+        driver
+            .served_after(Instant::now(), SEEN_DEFAULT, SERVE_WITHIN)
+            .is_some(),
         "the first version serves"
     );
 
@@ -204,29 +224,44 @@ async fn hot_reload_under_load() {
             let (_, b) = &broken[broken_writes % broken.len()];
             (b.clone(), serving)
         } else {
-            let next = if serving == SEEN_DEFAULT { SEEN_NEWEST } else { SEEN_DEFAULT };
+            let next = if serving == SEEN_DEFAULT {
+                SEEN_NEWEST
+            } else {
+                SEEN_DEFAULT
+            };
             let (_, b) = good.iter().find(|(k, _)| *k == next).expect("variant");
-            (with_custom_section(b, "reload-test", format!("write {i}").as_bytes()), next)
+            (
+                with_custom_section(b, "reload-test", format!("write {i}").as_bytes()),
+                next,
+            )
         };
         let written_at = Instant::now();
         match method {
-            Method::ConfigMapSwap => cm.swap(&[("rule.wasm", &bytes), ("plugins.json", manifest.as_bytes())]),
+            Method::ConfigMapSwap => {
+                cm.swap(&[("rule.wasm", &bytes), ("plugins.json", manifest.as_bytes())])
+            }
             Method::AtomicRename => {
                 let tmp = cm.current("").join(".rule.wasm.tmp");
                 std::fs::write(&tmp, &bytes).expect("temp write");
                 std::fs::rename(&tmp, cm.current("rule.wasm")).expect("rename");
             }
-            Method::InPlace => std::fs::write(cm.current("rule.wasm"), &bytes).expect("in-place write"),
+            Method::InPlace => {
+                std::fs::write(cm.current("rule.wasm"), &bytes).expect("in-place write")
+            }
         }
         if is_broken {
             broken_writes += 1;
             let fault = wait_for(Duration::from_secs(3), || {
                 let got = drain(&mut faults);
-                let load = got.iter().find(|f| f.reason == reasons::LOAD_FAILED && f.plugin == "rule").cloned();
+                let load = got
+                    .iter()
+                    .find(|f| f.reason == reasons::LOAD_FAILED && f.plugin == "rule")
+                    .cloned();
                 call_faults.extend(got.into_iter().filter(|f| f.reason != reasons::LOAD_FAILED));
                 load
             });
-            let fault = fault.unwrap_or_else(|| panic!("write {i} ({method:?}): no fault for a broken version"));
+            let fault = fault
+                .unwrap_or_else(|| panic!("write {i} ({method:?}): no fault for a broken version"));
             assert!(fault.message.contains("keeping version"), "{fault:?}");
             // Give a wrongly accepted version every chance to show up, then check it did not.
             std::thread::sleep(Duration::from_millis(100));
@@ -235,11 +270,19 @@ async fn hot_reload_under_load() {
                 driver.served_after(since, serving, SERVE_WITHIN).is_some(),
                 "write {i}: the previous version must keep serving"
             );
-            assert_eq!(host.status()[0].content_hash, serving_hash, "write {i}: broken version swapped in");
+            assert_eq!(
+                host.status()[0].content_hash,
+                serving_hash,
+                "write {i}: broken version swapped in"
+            );
         } else {
             let latency = driver
                 .served_after(written_at, want, SERVE_WITHIN)
-                .unwrap_or_else(|| panic!("write {i} ({method:?}): new version not serving within {SERVE_WITHIN:?}"));
+                .unwrap_or_else(|| {
+                    panic!(
+                        "write {i} ({method:?}): new version not serving within {SERVE_WITHIN:?}"
+                    )
+                });
             latencies.push(latency);
             serving = want;
             let expected_hash = module_controller_hash(&bytes);
@@ -247,12 +290,21 @@ async fn hot_reload_under_load() {
                 let h = host.status()[0].content_hash.clone();
                 (h == expected_hash).then_some(h)
             });
-            serving_hash = status_hash.unwrap_or_else(|| panic!("write {i}: status does not show the new hash"));
+            serving_hash = status_hash
+                .unwrap_or_else(|| panic!("write {i}: status does not show the new hash"));
             load_times.push(host.status()[0].load_time);
-            call_faults.extend(drain(&mut faults).into_iter().filter(|f| f.reason != reasons::LOAD_FAILED));
+            call_faults.extend(
+                drain(&mut faults)
+                    .into_iter()
+                    .filter(|f| f.reason != reasons::LOAD_FAILED),
+            );
         }
     }
-    call_faults.extend(drain(&mut faults).into_iter().filter(|f| f.reason != reasons::LOAD_FAILED));
+    call_faults.extend(
+        drain(&mut faults)
+            .into_iter()
+            .filter(|f| f.reason != reasons::LOAD_FAILED),
+    );
     let calls = driver.calls.load(Ordering::Relaxed);
     let failed = driver.failed.load(Ordering::Relaxed);
     let other = driver.other.load(Ordering::Relaxed);
@@ -267,9 +319,15 @@ async fn hot_reload_under_load() {
         load_times[load_times.len() / 2],
         load_times[load_times.len() - 1]
     );
-    assert_eq!(failed, 0, "calls that fell back to the default: {call_faults:?}");
+    assert_eq!(
+        failed, 0,
+        "calls that fell back to the default: {call_faults:?}"
+    );
     assert_eq!(other, 0, "calls with a decision of neither version");
-    assert!(calls > WRITES as u64 * 10, "the driver must have been calling throughout: {calls}");
+    assert!(
+        calls > WRITES as u64 * 10,
+        "the driver must have been calling throughout: {calls}"
+    );
     assert_eq!(broken_writes, 10);
     assert!(max <= SERVE_WITHIN);
 }
@@ -290,12 +348,19 @@ async fn adding_and_removing_plugins_and_manifest_errors() {
     // Add a plugin and its binding.
     d.install(dist, "fixture-newest-first", "n.wasm");
     d.manifest(&json!({"plugins": {"n": {"file": "n.wasm"}}, "ordering": "n"}));
-    assert!(wait_for(Duration::from_secs(2), || (host.ordering_rule().name() == "n").then_some(())).is_some());
+    assert!(
+        wait_for(Duration::from_secs(2), || (host.ordering_rule().name()
+            == "n")
+            .then_some(()))
+        .is_some()
+    );
 
     // A broken manifest keeps everything as it was.
     d.write("plugins.json", b"{\"plugins\": ");
     let f = wait_for(Duration::from_secs(2), || {
-        drain(&mut faults).into_iter().find(|f| f.plugin == "plugins.json")
+        drain(&mut faults)
+            .into_iter()
+            .find(|f| f.plugin == "plugins.json")
     })
     .expect("a fault for the broken manifest");
     assert_eq!(f.reason, reasons::LOAD_FAILED);
@@ -306,7 +371,10 @@ async fn adding_and_removing_plugins_and_manifest_errors() {
     d.manifest(&json!({"plugins": {}}));
     std::fs::remove_file(d.path().join("n.wasm")).expect("removing the plugin");
     assert!(
-        wait_for(Duration::from_secs(2), || (host.ordering_rule().name() == "builtin-default").then_some(())).is_some()
+        wait_for(Duration::from_secs(2), || (host.ordering_rule().name()
+            == "builtin-default")
+            .then_some(()))
+        .is_some()
     );
     assert!(host.status().is_empty());
     assert!(host.load_errors().is_empty());

@@ -69,7 +69,13 @@ async fn adapter_swap_keeps_bases_and_commands() {
         keep_alive: Duration::from_secs(5),
     };
     let tunnel = Arc::new(
-        MqttTunnel::start(&settings, Arc::new(ArkletCodec::new("test")), host.codecs(), tx).expect("tunnel starts"),
+        MqttTunnel::start(
+            &settings,
+            Arc::new(ArkletCodec::new("test")),
+            host.codecs(),
+            tx,
+        )
+        .expect("tunnel starts"),
     );
 
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -87,7 +93,10 @@ async fn adapter_swap_keeps_bases_and_commands() {
             if let TunnelEvent::Operation(op) = &ev.event
                 && op.success
             {
-                s.installs_ok.entry(ev.base_id.clone()).or_default().push(op.version.clone());
+                s.installs_ok
+                    .entry(ev.base_id.clone())
+                    .or_default()
+                    .push(op.version.clone());
             }
         }
     });
@@ -96,11 +105,16 @@ async fn adapter_swap_keeps_bases_and_commands() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut agents = Vec::new();
     for b in BASES {
-        agents.push(SimpleAgent::start(broker.host(), broker.port(), "simple-agent", b, HEARTBEAT).await);
+        agents.push(
+            SimpleAgent::start(broker.host(), broker.port(), "simple-agent", b, HEARTBEAT).await,
+        );
     }
     let all_seen = async {
         loop {
-            if BASES.iter().all(|b| seen.lock().expect("seen lock").first.contains_key(*b)) {
+            if BASES
+                .iter()
+                .all(|b| seen.lock().expect("seen lock").first.contains_key(*b))
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -110,7 +124,11 @@ async fn adapter_swap_keeps_bases_and_commands() {
         .await
         .expect("every base seen through the adapter");
     for b in BASES {
-        assert_eq!(tunnel.codec_name_for(b), "simple", "{b} is spoken to through the adapter");
+        assert_eq!(
+            tunnel.codec_name_for(b),
+            "simple",
+            "{b} is spoken to through the adapter"
+        );
     }
     let reconnects_before = reconnects();
 
@@ -130,7 +148,11 @@ async fn adapter_swap_keeps_bases_and_commands() {
                     url: format!("http://repo/svc-{version}.jar"),
                 });
                 t.send(b, &cmd).await.expect("command handed to the tunnel");
-                sn.lock().expect("sent lock").entry(b.to_string()).or_default().push(version);
+                sn.lock()
+                    .expect("sent lock")
+                    .entry(b.to_string())
+                    .or_default()
+                    .push(version);
             }
             k += 1;
             tokio::time::sleep(Duration::from_millis(15)).await;
@@ -147,7 +169,8 @@ async fn adapter_swap_keeps_bases_and_commands() {
             assert_eq!(f.reason, reasons::LOAD_FAILED);
             continue;
         }
-        let version = with_custom_section(&adapter, "swap-test", format!("round {round}").as_bytes());
+        let version =
+            with_custom_section(&adapter, "swap-test", format!("round {round}").as_bytes());
         d.write("adapter.wasm", &version);
         let mut codecs = host.codecs();
         tokio::time::timeout(Duration::from_secs(2), codecs.changed())
@@ -173,7 +196,13 @@ async fn adapter_swap_keeps_bases_and_commands() {
                 .filter(|c| c["op"] == "install")
                 .filter_map(|c| c["version"].as_str().map(str::to_string))
                 .collect();
-            let ok = seen.lock().expect("seen lock").installs_ok.get(&a.node).cloned().unwrap_or_default();
+            let ok = seen
+                .lock()
+                .expect("seen lock")
+                .installs_ok
+                .get(&a.node)
+                .cloned()
+                .unwrap_or_default();
             got == sent[&a.node] && ok == sent[&a.node]
         });
         if complete {
@@ -182,13 +211,21 @@ async fn adapter_swap_keeps_bases_and_commands() {
         if Instant::now() > deadline {
             for a in &agents {
                 let got = a.commands().iter().filter(|c| c["op"] == "install").count();
-                let ok = seen.lock().expect("seen lock").installs_ok.get(&a.node).map_or(0, Vec::len);
+                let ok = seen
+                    .lock()
+                    .expect("seen lock")
+                    .installs_ok
+                    .get(&a.node)
+                    .map_or(0, Vec::len);
                 let names: Vec<String> = a
                     .commands()
                     .iter()
                     .filter_map(|c| c["version"].as_str().map(str::to_string))
                     .collect();
-                let missing: Vec<&String> = sent[&a.node].iter().filter(|n| !names.contains(n)).collect();
+                let missing: Vec<&String> = sent[&a.node]
+                    .iter()
+                    .filter(|n| !names.contains(n))
+                    .collect();
                 eprintln!(
                     "{}: sent {} received {got} results {ok}; missing {missing:?}; agent errors {:?}",
                     a.node,
@@ -207,12 +244,23 @@ async fn adapter_swap_keeps_bases_and_commands() {
         let s = seen.lock().expect("seen lock");
         for b in BASES {
             let gap = s.max_gap.get(b).copied().unwrap_or_default();
-            assert!(gap < MAX_SILENCE, "{b} went silent for {gap:?} during the swaps");
+            assert!(
+                gap < MAX_SILENCE,
+                "{b} went silent for {gap:?} during the swaps"
+            );
             assert!(s.last[b].elapsed() < MAX_SILENCE, "{b} is no longer heard");
         }
     }
-    assert_eq!(reconnects(), reconnects_before, "the broker connection must not drop");
-    assert_eq!(hashes.len(), 6, "five good versions swapped in after the first");
+    assert_eq!(
+        reconnects(),
+        reconnects_before,
+        "the broker connection must not drop"
+    );
+    assert_eq!(
+        hashes.len(),
+        6,
+        "five good versions swapped in after the first"
+    );
 
     tunnel.stop().await;
     for a in agents {

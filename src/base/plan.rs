@@ -119,7 +119,8 @@ fn due(inflight: Option<&InFlight>, now: Instant, timeout: Duration) -> bool {
 
 /// For each module name, the version the base should run: the newest live pod's.
 pub fn winners(pods: &BTreeMap<String, PodInfo>) -> HashMap<String, (ModuleSpec, String)> {
-    let mut best: HashMap<String, ((i64, i64, String), ModuleSpec, String)> = HashMap::new();
+    type Rank = (i64, i64, String);
+    let mut best: HashMap<String, (Rank, ModuleSpec, String)> = HashMap::new();
     for p in pods.values().filter(|p| !p.deleting) {
         for s in p.specs() {
             let rank = (p.creation_ts, p.revision, p.uid.clone());

@@ -220,6 +220,9 @@ impl ControlPlane {
     }
 
     /// Stops every process and removes the temp dir (unless `MC_KEEP_TEST_DIRS=1`). Idempotent.
+    ///
+    /// Blocks the calling thread while the components exit (well under a second normally,
+    /// at most a few seconds if one ignores SIGTERM).
     pub fn stop(&mut self) {
         self.owned().shutdown();
     }

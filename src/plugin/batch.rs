@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::rollout::batch::{BatchDecision, BatchError, BatchPolicy, PendingInstall, RolloutView, validate_decision};
+use crate::rollout::batch::{
+    BatchDecision, BatchError, BatchPolicy, PendingInstall, RolloutView, validate_decision,
+};
 
 use super::bindings::wit_batch;
 use super::faults::{FaultSink, PluginFault, reasons};
@@ -68,23 +70,40 @@ impl BatchPolicy for WasmBatch {
         &self.version.name
     }
 
-    fn decide(&self, view: &RolloutView, pending: &[PendingInstall]) -> Result<BatchDecision, BatchError> {
+    fn decide(
+        &self,
+        view: &RolloutView,
+        pending: &[PendingInstall],
+    ) -> Result<BatchDecision, BatchError> {
         let Hook::Batch(indices) = &self.version.hook else {
             return Err(BatchError::PolicyFailed("not a batch-policy plugin".into()));
         };
         let wire_view = view_to_wire(view);
-        let wire_pending: Vec<wit_batch::PendingInstall> = pending.iter().map(pending_to_wire).collect();
+        let wire_pending: Vec<wit_batch::PendingInstall> =
+            pending.iter().map(pending_to_wire).collect();
         let annotations = Some(Arc::new(view.annotations.clone()));
         let (result, stats) = self.version.call(annotations, |s, i| {
-            indices.load(&mut *s, i)?.call_decide(&mut *s, &wire_view, &wire_pending)
+            indices
+                .load(&mut *s, i)?
+                .call_decide(&mut *s, &wire_view, &wire_pending)
         });
         telemetry::call(&self.version.name, PluginKind::BatchPolicy, stats.elapsed);
         let d = match result {
             Ok(Ok(d)) => d,
             Ok(Err(msg)) => {
-                return Err(BatchError::PolicyFailed(self.fail(&view.owner, reasons::RETURNED_ERROR, msg)));
+                return Err(BatchError::PolicyFailed(self.fail(
+                    &view.owner,
+                    reasons::RETURNED_ERROR,
+                    msg,
+                )));
             }
-            Err(f) => return Err(BatchError::PolicyFailed(self.fail(&view.owner, f.reason, f.message))),
+            Err(f) => {
+                return Err(BatchError::PolicyFailed(self.fail(
+                    &view.owner,
+                    f.reason,
+                    f.message,
+                )));
+            }
         };
         let decision = BatchDecision {
             admit: d.admit.into_iter().map(|i| i as usize).collect(),

@@ -134,17 +134,26 @@ fn sample_batch() -> (RolloutView, Vec<PendingInstall>) {
     (view, pending)
 }
 
-fn check(file: &Path, config: &str, budget_ms: u64, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+fn check(
+    file: &Path,
+    config: &str,
+    budget_ms: u64,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
     let v = load(file, config, budget_ms)?;
     writeln!(out, "plugin:      {} {}", v.plugin_name, v.version)?;
     writeln!(out, "file:        {} (sha256 {})", file.display(), v.hash)?;
     writeln!(out, "kind:        {}", v.kind)?;
-    writeln!(out, "api version: {} (this controller speaks {API_VERSION})", v.api_version)?;
+    writeln!(
+        out,
+        "api version: {} (this controller speaks {API_VERSION})",
+        v.api_version
+    )?;
     writeln!(
         out,
         "load:        {} ms, peak memory {} KiB",
         v.load_time.as_millis(),
-        v.peak_memory / 1024
+        v.peak_memory.load(std::sync::atomic::Ordering::Relaxed) / 1024
     )?;
     writeln!(out, "self-check:  ok")?;
     let sink = Arc::new(FaultSink::new(16, Duration::ZERO));
@@ -155,7 +164,11 @@ fn check(file: &Path, config: &str, budget_ms: u64, out: &mut dyn std::io::Write
             let waves = rule
                 .order(&changes)
                 .map_err(|e| anyhow::anyhow!("sample ordering refused: {e}"))?;
-            writeln!(out, "sample:      ordering of {} changes is a valid permutation: {waves:?}", changes.len())?;
+            writeln!(
+                out,
+                "sample:      ordering of {} changes is a valid permutation: {waves:?}",
+                changes.len()
+            )?;
         }
         PluginKind::BatchPolicy => {
             let policy = WasmBatch::new(v.clone(), sink);
@@ -296,7 +309,8 @@ fn read_input(input: Option<&Path>) -> anyhow::Result<Option<String>> {
         None => Ok(None),
         Some(p) if p == Path::new("-") => {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading stdin")?;
             Ok(Some(s))
         }
         Some(p) => std::fs::read_to_string(p)

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use crate::model::{
-    BaseCommand, BaseEvent, BaseHealth, BaseHeartbeat, BaseLifecycle, BaseMetadata, BizState, ModuleSpec,
-    ModuleStatus, OperationKind, OperationResult, TunnelEvent,
+    BaseCommand, BaseEvent, BaseHealth, BaseHeartbeat, BaseLifecycle, BaseMetadata, BizState,
+    ModuleSpec, ModuleStatus, OperationKind, OperationResult, TunnelEvent,
 };
 use crate::tunnel::codec::{DecodeError, EncodeError, MessageCodec, OutMessage, topic_matches};
 
@@ -141,12 +141,21 @@ impl MessageCodec for WasmCodec {
         self.subscriptions.iter().any(|f| topic_matches(f, topic))
     }
 
-    fn decode(&self, topic: &str, payload: &[u8], now_ms: i64) -> Result<Vec<BaseEvent>, DecodeError> {
+    fn decode(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<Vec<BaseEvent>, DecodeError> {
         let Hook::Tunnel { indices, .. } = &self.version.hook else {
-            return Err(DecodeError::CodecFailed("not a tunnel-adapter plugin".into()));
+            return Err(DecodeError::CodecFailed(
+                "not a tunnel-adapter plugin".into(),
+            ));
         };
         let (result, stats) = self.version.call(None, |s, i| {
-            indices.load(&mut *s, i)?.call_decode(&mut *s, topic, payload, now_ms)
+            indices
+                .load(&mut *s, i)?
+                .call_decode(&mut *s, topic, payload, now_ms)
         });
         telemetry::call(&self.version.name, PluginKind::TunnelAdapter, stats.elapsed);
         match result {
@@ -163,7 +172,11 @@ impl MessageCodec for WasmCodec {
                 w::DecodeError::Stale(age_ms) => DecodeError::Stale { age_ms },
                 w::DecodeError::Ignored(m) => DecodeError::Ignored(m),
             }),
-            Err(f) => Err(DecodeError::CodecFailed(self.fail(Some(topic), f.reason, f.message))),
+            Err(f) => Err(DecodeError::CodecFailed(self.fail(
+                Some(topic),
+                f.reason,
+                f.message,
+            ))),
         }
     }
 
@@ -176,7 +189,9 @@ impl MessageCodec for WasmCodec {
         };
         let wire = command(cmd);
         let (result, stats) = self.version.call(None, |s, i| {
-            indices.load(&mut *s, i)?.call_encode(&mut *s, base_id, &wire)
+            indices
+                .load(&mut *s, i)?
+                .call_encode(&mut *s, base_id, &wire)
         });
         telemetry::call(&self.version.name, PluginKind::TunnelAdapter, stats.elapsed);
         let reason = match result {

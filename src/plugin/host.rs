@@ -65,7 +65,9 @@ pub struct PluginHost {
 
 impl std::fmt::Debug for PluginHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginHost").field("dir", &self.inner.cfg.dir).finish_non_exhaustive()
+        f.debug_struct("PluginHost")
+            .field("dir", &self.inner.cfg.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,7 +126,10 @@ impl PluginHost {
     /// The batch policy for a Deployment with these annotations: the one its selecting
     /// annotation names (`builtin` for admit-all), else the manifest default, else admit-all.
     /// Call it per decision, like [`PluginHost::ordering_rule`].
-    pub fn batch_policy_for(&self, deployment_annotations: &BTreeMap<String, String>) -> Arc<dyn BatchPolicy> {
+    pub fn batch_policy_for(
+        &self,
+        deployment_annotations: &BTreeMap<String, String>,
+    ) -> Arc<dyn BatchPolicy> {
         let snap = self.inner.snapshot();
         let default = || -> Arc<dyn BatchPolicy> {
             match &snap.batch_default {
@@ -189,6 +194,7 @@ impl PluginHost {
                 loaded_at: v.loaded_at,
                 load_time: v.load_time,
                 from_cache: v.from_cache,
+                peak_instance_memory: v.peak_memory.load(std::sync::atomic::Ordering::Relaxed),
             })
             .collect()
     }
@@ -244,7 +250,12 @@ impl Inner {
                     Some(f) if f.message == message => f.clone(),
                     _ => {
                         telemetry::reload(false);
-                        self.fault(MANIFEST_FILE, PluginKind::Unknown, reasons::LOAD_FAILED, message)
+                        self.fault(
+                            MANIFEST_FILE,
+                            PluginKind::Unknown,
+                            reasons::LOAD_FAILED,
+                            message,
+                        )
                     }
                 };
                 self.swap(Snapshot {
@@ -317,12 +328,16 @@ impl Inner {
                 Err(e) => {
                     telemetry::reload(false);
                     let keeping = match previous {
-                        Some(p) => format!("keeping version {} (sha256 {})", p.version, &p.hash[..12]),
+                        Some(p) => {
+                            format!("keeping version {} (sha256 {})", p.version, &p.hash[..12])
+                        }
                         None => "not loaded; the built-in default serves its uses".to_string(),
                     };
                     let short = &hash[..hash.len().min(12)];
                     let message = format!("{} (sha256 {short}): {e}; {keeping}", rel(dir, &file));
-                    let kind = expected.or(previous.map(|p| p.kind)).unwrap_or(PluginKind::Unknown);
+                    let kind = expected
+                        .or(previous.map(|p| p.kind))
+                        .unwrap_or(PluginKind::Unknown);
                     let fault = self.fault(name, kind, reasons::LOAD_FAILED, message);
                     refused.insert(
                         name.clone(),
@@ -351,7 +366,9 @@ impl Inner {
         refused: BTreeMap<String, Refused>,
         old: &Snapshot,
     ) -> Snapshot {
-        let of_kind = |name: &String, kind: PluginKind| versions.get(name).filter(|v| v.kind == kind).cloned();
+        let of_kind = |name: &String, kind: PluginKind| {
+            versions.get(name).filter(|v| v.kind == kind).cloned()
+        };
         let ordering = manifest
             .ordering
             .as_ref()
@@ -384,10 +401,12 @@ impl Inner {
             .tunnel_adapters
             .iter()
             .filter_map(|n| of_kind(n, PluginKind::TunnelAdapter))
-            .map(|v| match old.codecs.iter().find(|c| Arc::ptr_eq(c.version(), &v)) {
-                Some(c) => c.clone(),
-                None => Arc::new(WasmCodec::new(v, self.faults.clone())),
-            })
+            .map(
+                |v| match old.codecs.iter().find(|c| Arc::ptr_eq(c.version(), &v)) {
+                    Some(c) => c.clone(),
+                    None => Arc::new(WasmCodec::new(v, self.faults.clone())),
+                },
+            )
             .collect();
         Snapshot {
             manifest,
@@ -403,12 +422,19 @@ impl Inner {
 
     fn swap(&self, next: Snapshot) {
         for kind in PluginKind::ALL {
-            telemetry::loaded(kind, next.versions.values().filter(|v| v.kind == kind).count());
+            telemetry::loaded(
+                kind,
+                next.versions.values().filter(|v| v.kind == kind).count(),
+            );
         }
         let codecs_changed = {
             let old = self.snapshot();
             old.codecs.len() != next.codecs.len()
-                || old.codecs.iter().zip(&next.codecs).any(|(a, b)| !Arc::ptr_eq(a, b))
+                || old
+                    .codecs
+                    .iter()
+                    .zip(&next.codecs)
+                    .any(|(a, b)| !Arc::ptr_eq(a, b))
         };
         let set: Option<CodecSet> = codecs_changed.then(|| {
             Arc::new(

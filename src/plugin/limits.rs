@@ -213,10 +213,18 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
     if rc != 0 {
         return None;
     }
-    Some(Duration::new(u64::try_from(ts.tv_sec).ok()?, u32::try_from(ts.tv_nsec).ok()?))
+    Some(Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
 }
 
-fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: Limits, elapsed: Duration) -> CallFailure {
+fn classify(
+    e: &wasmtime::Error,
+    memory_exceeded: bool,
+    limits: Limits,
+    elapsed: Duration,
+) -> CallFailure {
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return CallFailure {
             reason: reasons::TIMED_OUT,
@@ -230,7 +238,10 @@ fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: Limits, elapsed:
     if memory_exceeded {
         return CallFailure {
             reason: reasons::OUT_OF_MEMORY,
-            message: format!("memory cap of {} bytes exceeded: {e:#}", limits.memory_bytes),
+            message: format!(
+                "memory cap of {} bytes exceeded: {e:#}",
+                limits.memory_bytes
+            ),
         };
     }
     CallFailure {

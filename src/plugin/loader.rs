@@ -41,13 +41,19 @@ pub enum LoadError {
     #[error("cannot compile the component: {0}")]
     Compile(String),
     /// Imports a network interface.
-    #[error("imports `{0}`: plugins get no network access (wasi:sockets and wasi:http are refused)")]
+    #[error(
+        "imports `{0}`: plugins get no network access (wasi:sockets and wasi:http are refused)"
+    )]
     ForbiddenImport(String),
     /// Imports something the host does not provide.
-    #[error("imports `{0}`, which this host does not provide (plugins may import koupleless:plugin/{{host,rollout-context}}@{API_VERSION} and inert wasi:* interfaces)")]
+    #[error(
+        "imports `{0}`, which this host does not provide (plugins may import koupleless:plugin/{{host,rollout-context}}@{API_VERSION} and inert wasi:* interfaces)"
+    )]
     UnknownImport(String),
     /// Built for another plugin API version.
-    #[error("built for plugin API {found}; this controller speaks {API_VERSION}: rebuild it with the current SDK")]
+    #[error(
+        "built for plugin API {found}; this controller speaks {API_VERSION}: rebuild it with the current SDK"
+    )]
     ApiVersion {
         /// Version found in the component's exports or declared by `info`.
         found: String,
@@ -56,7 +62,9 @@ pub enum LoadError {
     #[error("not a module-controller plugin: exports no koupleless:plugin/metadata interface")]
     NotAPlugin,
     /// Exports no hook, or several.
-    #[error("must export exactly one of koupleless:plugin/{{ordering,batch,tunnel}}@{API_VERSION}, exports {0}")]
+    #[error(
+        "must export exactly one of koupleless:plugin/{{ordering,batch,tunnel}}@{API_VERSION}, exports {0}"
+    )]
     Kind(String),
     /// `info` names another kind than the exported hook.
     #[error("info() says it is a {declared} plugin but it exports the {exported} interface")]
@@ -157,8 +165,8 @@ pub(crate) struct PluginVersion {
     pub from_cache: bool,
     /// Time from bytes to validated version.
     pub load_time: Duration,
-    /// Peak linear memory seen during validation.
-    pub peak_memory: usize,
+    /// Largest linear memory an instance of this version reached (validation and calls).
+    pub peak_memory: std::sync::atomic::AtomicUsize,
     /// The hook.
     pub hook: Hook,
     pre: InstancePre<CallState>,
@@ -181,7 +189,10 @@ impl PluginVersion {
             config: self.config.clone(),
             annotations,
         };
-        invoke(self.engine, &self.pre, self.limits, ctx, f)
+        let (result, stats) = invoke(self.engine, &self.pre, self.limits, ctx, f);
+        self.peak_memory
+            .fetch_max(stats.peak_memory, std::sync::atomic::Ordering::Relaxed);
+        (result, stats)
     }
 }
 
@@ -266,14 +277,21 @@ fn exported_kind(engine: &Engine, component: &Component) -> Result<PluginKind, L
         [k] => Ok(*k),
         [] => Err(LoadError::Kind("none".into())),
         many => Err(LoadError::Kind(
-            many.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", "),
+            many.iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         )),
     }
 }
 
 /// Defines the WASI imports a Rust std guest carries: random as a fixed-seed generator (so
 /// `HashMap` works), everything else as functions that trap when called.
-fn stub_wasi(linker: &mut Linker<CallState>, engine: &Engine, component: &Component) -> wasmtime::Result<()> {
+fn stub_wasi(
+    linker: &mut Linker<CallState>,
+    engine: &Engine,
+    component: &Component,
+) -> wasmtime::Result<()> {
     for (name, _) in component.component_type().imports(engine) {
         let Some(rest) = name.strip_prefix("wasi:random/") else {
             continue;
@@ -292,14 +310,18 @@ fn stub_wasi(linker: &mut Linker<CallState>, engine: &Engine, component: &Compon
             })?;
             inst.func_wrap("get-insecure-random-u64", |_, (): ()| Ok((SEED,)))?;
         } else if rest.starts_with("insecure-seed@") {
-            inst.func_wrap("insecure-seed", |_, (): ()| Ok(((SEED, SEED.rotate_left(32)),)))?;
+            inst.func_wrap("insecure-seed", |_, (): ()| {
+                Ok(((SEED, SEED.rotate_left(32)),))
+            })?;
         }
     }
     linker.define_unknown_imports_as_traps(component)
 }
 
 fn fill(len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(151).wrapping_add(7)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(151).wrapping_add(7))
+        .collect()
 }
 
 fn kind_of(k: wit_types::PluginKind) -> PluginKind {
@@ -343,8 +365,12 @@ pub(crate) fn load(rt: &Runtime, req: LoadRequest<'_>) -> Result<PluginVersion, 
     let pre = linker.instantiate_pre(&component).map_err(link_err)?;
     let meta = wit_metadata::GuestIndices::new(&pre).map_err(link_err)?;
     let hook = match kind {
-        PluginKind::StatusOrdering => Hook::Ordering(wit_ordering::GuestIndices::new(&pre).map_err(link_err)?),
-        PluginKind::BatchPolicy => Hook::Batch(wit_batch::GuestIndices::new(&pre).map_err(link_err)?),
+        PluginKind::StatusOrdering => {
+            Hook::Ordering(wit_ordering::GuestIndices::new(&pre).map_err(link_err)?)
+        }
+        PluginKind::BatchPolicy => {
+            Hook::Batch(wit_batch::GuestIndices::new(&pre).map_err(link_err)?)
+        }
         PluginKind::TunnelAdapter => Hook::Tunnel {
             indices: wit_tunnel::GuestIndices::new(&pre).map_err(link_err)?,
             subscriptions: Vec::new(),
@@ -363,16 +389,15 @@ pub(crate) fn load(rt: &Runtime, req: LoadRequest<'_>) -> Result<PluginVersion, 
         loaded_at: SystemTime::now(),
         from_cache,
         load_time: Duration::ZERO,
-        peak_memory: 0,
+        peak_memory: std::sync::atomic::AtomicUsize::new(0),
         hook,
         pre,
         engine,
         limits: rt.limits,
     };
 
-    let (info, stats) = version.call(None, |s, i| meta.load(&mut *s, i)?.call_info(&mut *s));
+    let (info, _) = version.call(None, |s, i| meta.load(&mut *s, i)?.call_info(&mut *s));
     let info = info.map_err(call_err("info"))?;
-    let mut peak = stats.peak_memory;
     if info.api_version != API_VERSION {
         return Err(LoadError::ApiVersion {
             found: info.api_version,
@@ -386,17 +411,20 @@ pub(crate) fn load(rt: &Runtime, req: LoadRequest<'_>) -> Result<PluginVersion, 
         });
     }
     let config = req.config.to_string();
-    let (init, stats) = version.call(None, |s, i| meta.load(&mut *s, i)?.call_init(&mut *s, &config));
+    let (init, _) = version.call(None, |s, i| {
+        meta.load(&mut *s, i)?.call_init(&mut *s, &config)
+    });
     init.map_err(call_err("init"))?.map_err(LoadError::Init)?;
-    peak = peak.max(stats.peak_memory);
-    let (check, stats) = version.call(None, |s, i| meta.load(&mut *s, i)?.call_self_check(&mut *s));
-    check.map_err(call_err("self-check"))?.map_err(LoadError::SelfCheck)?;
-    peak = peak.max(stats.peak_memory);
+    let (check, _) = version.call(None, |s, i| meta.load(&mut *s, i)?.call_self_check(&mut *s));
+    check
+        .map_err(call_err("self-check"))?
+        .map_err(LoadError::SelfCheck)?;
     if let Hook::Tunnel { indices, .. } = &version.hook {
         let indices = indices.clone();
-        let (subs, stats) = version.call(None, |s, i| indices.load(&mut *s, i)?.call_subscriptions(&mut *s));
+        let (subs, _) = version.call(None, |s, i| {
+            indices.load(&mut *s, i)?.call_subscriptions(&mut *s)
+        });
         let subs = subs.map_err(call_err("subscriptions"))?;
-        peak = peak.max(stats.peak_memory);
         validate_subscriptions(&subs).map_err(LoadError::Subscriptions)?;
         version.hook = Hook::Tunnel {
             indices,
@@ -406,7 +434,6 @@ pub(crate) fn load(rt: &Runtime, req: LoadRequest<'_>) -> Result<PluginVersion, 
     version.plugin_name = info.name;
     version.version = info.version;
     version.api_version = info.api_version;
-    version.peak_memory = peak;
     version.load_time = start.elapsed();
     Ok(version)
 }
@@ -447,7 +474,10 @@ mod tests {
     fn subscription_filters_are_checked() {
         assert!(validate_subscriptions(&["a/+/b".into(), "a/#".into()]).is_ok());
         assert!(validate_subscriptions(&[]).is_err());
-        assert!(validate_subscriptions(&["#".into()]).is_err(), "everything is too much");
+        assert!(
+            validate_subscriptions(&["#".into()]).is_err(),
+            "everything is too much"
+        );
         assert!(validate_subscriptions(&["a/#/b".into()]).is_err());
         assert!(validate_subscriptions(&["a/b+".into()]).is_err());
     }

@@ -142,7 +142,10 @@ impl Manifest {
     fn validate(&self) -> Result<(), ManifestError> {
         for (name, entry) in &self.plugins {
             let plain = !entry.file.as_os_str().is_empty()
-                && entry.file.components().all(|c| matches!(c, Component::Normal(_)));
+                && entry
+                    .file
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_)));
             if !plain {
                 return Err(ManifestError::Invalid(format!(
                     "plugin {name:?}: file {:?} must be a relative path inside the plugins directory",
@@ -150,7 +153,9 @@ impl Manifest {
                 )));
             }
             if name == BUILTIN_BATCH || name.is_empty() {
-                return Err(ManifestError::Invalid(format!("{name:?} is a reserved plugin name")));
+                return Err(ManifestError::Invalid(format!(
+                    "{name:?} is a reserved plugin name"
+                )));
             }
         }
         let bound = self
@@ -161,7 +166,9 @@ impl Manifest {
             .chain(&self.batch.selectable);
         for name in bound {
             if !self.plugins.contains_key(name) {
-                return Err(ManifestError::Invalid(format!("binds {name:?}, which is not in \"plugins\"")));
+                return Err(ManifestError::Invalid(format!(
+                    "binds {name:?}, which is not in \"plugins\""
+                )));
             }
         }
         Ok(())
@@ -174,7 +181,13 @@ impl Manifest {
             Some(PluginKind::StatusOrdering)
         } else if self.tunnel_adapters.iter().any(is) {
             Some(PluginKind::TunnelAdapter)
-        } else if self.batch.default.iter().chain(&self.batch.selectable).any(is) {
+        } else if self
+            .batch
+            .default
+            .iter()
+            .chain(&self.batch.selectable)
+            .any(is)
+        {
             Some(PluginKind::BatchPolicy)
         } else {
             None
@@ -220,6 +233,9 @@ mod tests {
     #[test]
     fn missing_manifest_means_no_plugins() {
         let dir = tempfile::tempdir().expect("temp dir");
-        assert_eq!(Manifest::load(dir.path()).expect("no manifest is fine"), Manifest::default());
+        assert_eq!(
+            Manifest::load(dir.path()).expect("no manifest is fine"),
+            Manifest::default()
+        );
     }
 }

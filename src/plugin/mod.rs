@@ -140,4 +140,6 @@ pub struct LoadedPlugin {
     pub load_time: Duration,
     /// Whether the compiled code came from the artefact cache.
     pub from_cache: bool,
+    /// Largest linear memory one instance of this version has used so far.
+    pub peak_instance_memory: usize,
 }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::rollout::ordering::{OrderingError, OrderingRule, StatusChange, Waves, validate_permutation};
+use crate::rollout::ordering::{
+    OrderingError, OrderingRule, StatusChange, Waves, validate_permutation,
+};
 
 use super::bindings::wit_ordering;
 use super::faults::{FaultSink, PluginFault, reasons};
@@ -58,16 +60,26 @@ impl OrderingRule for WasmOrdering {
 
     fn order(&self, changes: &[StatusChange]) -> Result<Waves, OrderingError> {
         let Hook::Ordering(indices) = &self.version.hook else {
-            return Err(OrderingError::RuleFailed("not a status-ordering plugin".into()));
+            return Err(OrderingError::RuleFailed(
+                "not a status-ordering plugin".into(),
+            ));
         };
         let wire: Vec<wit_ordering::StatusChange> = changes.iter().map(to_wire).collect();
-        let (result, stats) = self
-            .version
-            .call(None, |s, i| indices.load(&mut *s, i)?.call_order(&mut *s, &wire));
-        telemetry::call(&self.version.name, PluginKind::StatusOrdering, stats.elapsed);
+        let (result, stats) = self.version.call(None, |s, i| {
+            indices.load(&mut *s, i)?.call_order(&mut *s, &wire)
+        });
+        telemetry::call(
+            &self.version.name,
+            PluginKind::StatusOrdering,
+            stats.elapsed,
+        );
         let waves = match result {
             Ok(Ok(w)) => w,
-            Ok(Err(msg)) => return Err(OrderingError::RuleFailed(self.fail(reasons::RETURNED_ERROR, msg))),
+            Ok(Err(msg)) => {
+                return Err(OrderingError::RuleFailed(
+                    self.fail(reasons::RETURNED_ERROR, msg),
+                ));
+            }
             Err(f) => return Err(OrderingError::RuleFailed(self.fail(f.reason, f.message))),
         };
         let waves: Waves = waves
@@ -77,7 +89,10 @@ impl OrderingRule for WasmOrdering {
         if let Err(e) = validate_permutation(changes.len(), &waves) {
             self.fail(
                 reasons::INVALID_OUTPUT,
-                format!("ordering of {} changes is not a permutation: {e}", changes.len()),
+                format!(
+                    "ordering of {} changes is not a permutation: {e}",
+                    changes.len()
+                ),
             );
             return Err(e);
         }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
@@ -23,6 +24,7 @@ pub(crate) fn watch(host: &PluginHost) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
+            Ok(ev) if !changes_content(&ev.kind) => return,
             Ok(ev) => debug!(kind = ?ev.kind, paths = ?ev.paths, "plugins directory event"),
             Err(e) => warn!(error = %e, "plugins directory watch error"),
         }
@@ -39,6 +41,16 @@ pub(crate) fn watch(host: &PluginHost) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether an event may mean new content. Reads are not: the rescan itself opens every file,
+/// and reacting to that would rescan forever.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 async fn debounce_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<()>) {
     let (debounce, resync) = match inner.upgrade() {
         Some(i) => (i.cfg.debounce, i.cfg.resync_interval),
@@ -52,7 +64,10 @@ async fn debounce_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<()>) 
             Err(_) => {} // periodic resync
         }
         let Some(inner) = inner.upgrade() else { return };
-        if tokio::task::spawn_blocking(move || inner.rescan()).await.is_err() {
+        if tokio::task::spawn_blocking(move || inner.rescan())
+            .await
+            .is_err()
+        {
             warn!("plugin rescan panicked; will retry on the next change");
         }
     }
@@ -70,5 +85,30 @@ async fn quiet(rx: &mut mpsc::UnboundedReceiver<()>, debounce: Duration) {
         if Instant::now() >= hard_stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{CreateKind, ModifyKind, RenameMode};
+
+    use super::*;
+
+    #[test]
+    fn reads_do_not_trigger_rescans() {
+        assert!(!changes_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes_content(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::Both
+        ))));
+        assert!(changes_content(&EventKind::Create(CreateKind::File)));
+        assert!(changes_content(&EventKind::Any));
     }
 }

@@ -73,7 +73,11 @@ fn metrics() -> &'static Metrics {
             "Plugin versions compiled and validated (ok) or refused (failed)",
             m.reloads.clone(),
         );
-        crate::metrics::register("plugins_loaded", "Plugins currently loaded", m.loaded.clone());
+        crate::metrics::register(
+            "plugins_loaded",
+            "Plugins currently loaded",
+            m.loaded.clone(),
+        );
         m
     })
 }

@@ -80,6 +80,10 @@ pub trait MessageCodec: Send + Sync {
     fn encode(&self, base_id: &str, cmd: &BaseCommand) -> Result<Vec<OutMessage>, EncodeError>;
 }
 
+/// The set of plugin codecs a tunnel serves beside its built-in one; swapped atomically by the
+/// plugin host through a `tokio::sync::watch` channel.
+pub type CodecSet = std::sync::Arc<Vec<std::sync::Arc<dyn MessageCodec>>>;
+
 /// Whether an MQTT topic filter (with `+` and `#`) matches a topic.
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
     let mut f = filter.split('/');
@@ -111,7 +115,3 @@ mod tests {
         ));
     }
 }
-
-/// The set of plugin codecs a tunnel serves beside its built-in one; swapped atomically by the
-/// plugin host through a `tokio::sync::watch` channel.
-pub type CodecSet = std::sync::Arc<Vec<std::sync::Arc<dyn MessageCodec>>>;

@@ -105,17 +105,17 @@ impl Drop for HttpTunnel {
     }
 }
 
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
         count_received("malformed");
-        (StatusCode::BAD_REQUEST, format!("bad JSON: {e}")).into_response()
+        Box::new((StatusCode::BAD_REQUEST, format!("bad JSON: {e}")).into_response())
     })
 }
 
 async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
     let hb: WireHeartbeat = match parse_body(&body) {
         Ok(h) => h,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let hb = hb.to_model();
     let id = hb.metadata.identity.clone();
@@ -147,7 +147,7 @@ async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> 
 async fn query_baseline(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
     let md: WireBaseMetadata = match parse_body(&body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let md: BaseMetadata = (&md).into();
     count_received("ok");

@@ -25,6 +25,8 @@ pub struct Note {
 }
 
 /// What is known about one container of a module pod.
+// Short-lived, built per reconcile in a small Vec: boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerView {
     /// The container is not a valid module.
@@ -223,14 +225,14 @@ type SemanticContainer = (
     Option<i32>,
 );
 
-fn semantic(
-    s: &PodStatus,
-) -> (
+type SemanticStatus = (
     Option<String>,
     Vec<(String, String)>,
     Vec<SemanticContainer>,
     Option<String>,
-) {
+);
+
+fn semantic(s: &PodStatus) -> SemanticStatus {
     let mut conds: Vec<(String, String)> = s
         .conditions
         .iter()

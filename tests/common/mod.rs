@@ -66,13 +66,19 @@ impl TestEnv {
             )
             .with_test_writer()
             .try_init();
-        let cp = ControlPlane::shared().await.expect("local control plane starts");
+        let cp = ControlPlane::shared()
+            .await
+            .expect("local control plane starts");
         let client = cp.client().await.expect("client");
         let broker = Mosquitto::start().await.expect("mosquitto starts");
         let ns = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
-        namespaces.create(&PostParams::default(), &nsobj).await.expect("create namespace");
+        let nsobj: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+        namespaces
+            .create(&PostParams::default(), &nsobj)
+            .await
+            .expect("create namespace");
         let env = ns.replace('_', "-");
         TestEnv {
             cp,
@@ -203,7 +209,13 @@ impl TestEnv {
     }
 
     /// The module Deployment shape of `examples/` for this test's bases.
-    pub fn module_deployment(&self, name: &str, module: &str, version: &str, replicas: i32) -> Deployment {
+    pub fn module_deployment(
+        &self,
+        name: &str,
+        module: &str,
+        version: &str,
+        replicas: i32,
+    ) -> Deployment {
         serde_json::from_value(json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -246,14 +258,22 @@ impl TestEnv {
     pub async fn apply_deployment(&self, d: &Deployment) {
         let name = d.metadata.name.clone().expect("name");
         self.deployments()
-            .patch(&name, &PatchParams::apply("e2e-test").force(), &Patch::Apply(d))
+            .patch(
+                &name,
+                &PatchParams::apply("e2e-test").force(),
+                &Patch::Apply(d),
+            )
             .await
             .expect("apply deployment");
     }
 
     pub async fn scale(&self, name: &str, replicas: i32) {
         self.deployments()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": replicas}})))
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
+            )
             .await
             .expect("scale");
     }
@@ -271,7 +291,10 @@ impl TestEnv {
     pub async fn wait_ready_pods(&self, app: &str, n: usize, timeout: Duration) -> Vec<Pod> {
         eventually(timeout, &format!("{n} Ready pods of {app}"), || async {
             let pods = self.app_pods(app).await;
-            let live: Vec<Pod> = pods.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+            let live: Vec<Pod> = pods
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect();
             (live.len() == n && live.iter().all(|p| is_ready(p.status.as_ref()))).then_some(live)
         })
         .await
@@ -279,7 +302,11 @@ impl TestEnv {
 
     /// Ready condition status of a node ("True"/"False"/"Unknown"), if it exists.
     pub async fn node_ready(&self, id: &str) -> Option<String> {
-        let n = self.nodes().get_opt(&self.node_name(id)).await.expect("get node")?;
+        let n = self
+            .nodes()
+            .get_opt(&self.node_name(id))
+            .await
+            .expect("get node")?;
         n.status?
             .conditions?
             .into_iter()
@@ -303,5 +330,8 @@ pub async fn pod_events(client: &kube::Client, ns: &str, pod: &str) -> Vec<(Stri
 
 /// Labels map helper.
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

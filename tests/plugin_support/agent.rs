@@ -29,7 +29,13 @@ struct AgentState {
 impl SimpleAgent {
     /// Connects to the broker, subscribes to its command topic, announces itself and then
     /// publishes its status every `period`.
-    pub async fn start(host: &str, port: u16, prefix: &str, node: &str, period: Duration) -> SimpleAgent {
+    pub async fn start(
+        host: &str,
+        port: u16,
+        prefix: &str,
+        node: &str,
+        period: Duration,
+    ) -> SimpleAgent {
         let mut opts = MqttOptions::new(format!("agent-{node}-{}", std::process::id()), host, port);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_clean_session(true);
@@ -61,13 +67,22 @@ impl SimpleAgent {
                         let reply = apply(&loop_state, &cmd);
                         if let Some(reply) = reply {
                             let _ = loop_client
-                                .publish(format!("{p}/{n}/result"), QoS::AtLeastOnce, false, reply.to_string())
+                                .publish(
+                                    format!("{p}/{n}/result"),
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    reply.to_string(),
+                                )
                                 .await;
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        loop_state.lock().expect("agent state lock").connection_errors.push(e.to_string());
+                        loop_state
+                            .lock()
+                            .expect("agent state lock")
+                            .connection_errors
+                            .push(e.to_string());
                         tokio::time::sleep(Duration::from_millis(100)).await
                     }
                 }
@@ -78,9 +93,15 @@ impl SimpleAgent {
             .expect("agent subscription acknowledged in time")
             .expect("agent event loop alive");
 
-        let hello = json!({"node": node, "app": "simple-base", "version": "1.0.0", "cluster": "test"});
+        let hello =
+            json!({"node": node, "app": "simple-base", "version": "1.0.0", "cluster": "test"});
         client
-            .publish(format!("{prefix}/{node}/hello"), QoS::AtLeastOnce, false, hello.to_string())
+            .publish(
+                format!("{prefix}/{node}/hello"),
+                QoS::AtLeastOnce,
+                false,
+                hello.to_string(),
+            )
             .await
             .expect("queueing hello");
 
@@ -97,7 +118,12 @@ impl SimpleAgent {
                     status_body(&n, &s.modules)
                 };
                 let _ = status_client
-                    .publish(format!("{p}/{n}/status"), QoS::AtLeastOnce, false, body.to_string())
+                    .publish(
+                        format!("{p}/{n}/status"),
+                        QoS::AtLeastOnce,
+                        false,
+                        body.to_string(),
+                    )
                     .await;
             }
         });
@@ -112,7 +138,11 @@ impl SimpleAgent {
 
     /// Every command received so far, in order.
     pub fn commands(&self) -> Vec<Value> {
-        self.state.lock().expect("agent state lock").commands.clone()
+        self.state
+            .lock()
+            .expect("agent state lock")
+            .commands
+            .clone()
     }
 
     /// Modules installed now.
@@ -122,7 +152,11 @@ impl SimpleAgent {
 
     /// Connection errors the agent's MQTT client saw.
     pub fn connection_errors(&self) -> Vec<String> {
-        self.state.lock().expect("agent state lock").connection_errors.clone()
+        self.state
+            .lock()
+            .expect("agent state lock")
+            .connection_errors
+            .clone()
     }
 
     /// Status messages published so far.
@@ -180,11 +214,15 @@ fn apply(state: &Mutex<AgentState>, cmd: &Value) -> Option<Value> {
         Some("install") => {
             s.modules.retain(|(n, _)| *n != name);
             s.modules.push((name.clone(), version.clone()));
-            Some(json!({"op": "install", "name": name, "version": version, "ok": true, "message": "installed"}))
+            Some(
+                json!({"op": "install", "name": name, "version": version, "ok": true, "message": "installed"}),
+            )
         }
         Some("uninstall") => {
             s.modules.retain(|(n, v)| !(*n == name && *v == version));
-            Some(json!({"op": "uninstall", "name": name, "version": version, "ok": true, "message": "uninstalled"}))
+            Some(
+                json!({"op": "uninstall", "name": name, "version": version, "ok": true, "message": "uninstalled"}),
+            )
         }
         _ => None,
     }

@@ -32,7 +32,11 @@ fn build() -> Option<PathBuf> {
         let target_ok = Command::new("rustup")
             .args(["target", "list", "--installed"])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2"))
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.trim() == "wasm32-wasip2")
+            })
             .unwrap_or(false);
         if !target_ok {
             eprintln!(
@@ -65,7 +69,8 @@ macro_rules! require_plugins {
 
 /// The bytes of a built plugin, e.g. `plugin_bytes(dist, "default-ordering")`.
 pub fn plugin_bytes(dist: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(dist.join(format!("{name}.wasm"))).unwrap_or_else(|e| panic!("reading plugin {name}: {e}"))
+    std::fs::read(dist.join(format!("{name}.wasm")))
+        .unwrap_or_else(|e| panic!("reading plugin {name}: {e}"))
 }
 
 /// A temporary plugins directory and a private artefact cache.
@@ -78,8 +83,14 @@ impl PluginDir {
     /// Empty directories.
     pub fn new() -> PluginDir {
         PluginDir {
-            dir: tempfile::Builder::new().prefix("mc-plugins-").tempdir().expect("plugins temp dir"),
-            cache: tempfile::Builder::new().prefix("mc-plugin-cache-").tempdir().expect("cache temp dir"),
+            dir: tempfile::Builder::new()
+                .prefix("mc-plugins-")
+                .tempdir()
+                .expect("plugins temp dir"),
+            cache: tempfile::Builder::new()
+                .prefix("mc-plugin-cache-")
+                .tempdir()
+                .expect("cache temp dir"),
         }
     }
 

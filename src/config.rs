@@ -185,6 +185,15 @@ pub struct RunArgs {
     )]
     pub metrics_addr: String,
 
+    /// Longest a base keeps a module's last instance, during a rollout, waiting for its replacement.
+    #[arg(
+        long = "module-handover-timeout-secs",
+        env = "MODULE_HANDOVER_TIMEOUT_SECS",
+        value_name = "MODULE_HANDOVER_TIMEOUT_SECS",
+        default_value_t = 600
+    )]
+    pub module_handover_timeout_secs: u64,
+
     /// Directory of WASM plugins (and their manifest); empty for built-in behaviour only.
     #[arg(long = "plugins-dir", env = "PLUGINS_DIR", value_name = "PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
@@ -227,6 +236,10 @@ pub struct Settings {
     pub plugins_dir: Option<PathBuf>,
     /// Peer-deployment replica sync.
     pub replicas_sync: bool,
+    /// Longest hand-over retention of a module on a base during a rollout.
+    pub retention_timeout: Duration,
+    /// Rollout protections on. Not configurable: `false` exists for tests that show the loss it prevents.
+    pub lossless: bool,
 }
 
 fn secs(variable: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -379,6 +392,8 @@ impl RunArgs {
             metrics_addr,
             plugins_dir: self.plugins_dir.clone(),
             replicas_sync: self.enable_module_replicas_sync_with_base,
+            retention_timeout: Duration::from_secs(self.module_handover_timeout_secs),
+            lossless: true,
         })
     }
 }

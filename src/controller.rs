@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
@@ -31,7 +32,7 @@ use crate::tunnel::http::{BaselineProvider, HttpTunnel};
 use crate::tunnel::mqtt::{MqttTunnel, count_received};
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL};
-use crate::vpod::spec::{MODULE_LABEL_VALUE, MODULE_LABELS};
+use crate::vpod::spec::{MODULE_LABEL_VALUE, MODULE_LABELS, owner_of};
 
 struct ControllerMetrics {
     bases: Gauge,
@@ -187,6 +188,8 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         resync: settings.resync,
         command_timeout: settings.command_timeout,
         tick: Duration::from_millis(500),
+        lossless: settings.lossless,
+        retention_timeout: settings.retention_timeout,
     });
     let ready = Arc::new(AtomicBool::new(false));
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
@@ -200,6 +203,9 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         actors: HashMap::new(),
         generation: 0,
         pods: PodIndex::default(),
+        owners: HashMap::new(),
+        deployments: HashMap::new(),
+        rollouts: Arc::new(HashSet::new()),
         exit_tx,
     };
     let c = cancel.clone();
@@ -256,6 +262,47 @@ impl PodIndex {
     }
 }
 
+/// What the controller needs to know of a module Deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DeploySummary {
+    annotations: BTreeMap<String, String>,
+    replicas: i32,
+    in_rollout: bool,
+}
+
+/// Summary of a Deployment whose pods are module pods; `None` for any other Deployment.
+fn summarize(d: &Deployment) -> Option<DeploySummary> {
+    let spec = d.spec.as_ref()?;
+    let labels = spec.template.metadata.as_ref()?.labels.as_ref()?;
+    let is_module = MODULE_LABELS
+        .iter()
+        .any(|k| labels.get(*k).map(String::as_str) == Some(MODULE_LABEL_VALUE));
+    if !is_module {
+        return None;
+    }
+    let replicas = spec.replicas.unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    let generation = d.metadata.generation.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    // Mid-rollout from the moment the template changes until only updated pods remain.
+    let in_rollout = st.observed_generation.unwrap_or(0) < generation
+        || updated < replicas
+        || st.replicas.unwrap_or(0) > updated;
+    Some(DeploySummary {
+        annotations: d.metadata.annotations.clone().unwrap_or_default(),
+        replicas,
+        in_rollout,
+    })
+}
+
+fn deployment_key(d: &Deployment) -> String {
+    format!(
+        "{}/Deployment/{}",
+        d.metadata.namespace.as_deref().unwrap_or("default"),
+        d.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
 struct Core {
     env: String,
     ctx: KubeCtx,
@@ -266,6 +313,10 @@ struct Core {
     actors: HashMap<String, ActorEntry>,
     generation: u64,
     pods: PodIndex,
+    /// Live (not deleting) pods per owner: uid → template revision.
+    owners: HashMap<String, HashMap<String, Option<String>>>,
+    deployments: HashMap<String, DeploySummary>,
+    rollouts: Arc<HashSet<String>>,
     exit_tx: mpsc::UnboundedSender<(String, u64, ActorExit)>,
 }
 
@@ -286,12 +337,13 @@ impl Core {
         self.adopt_existing_vnodes(&client).await;
         let pods: Api<Pod> = Api::all(client.clone());
         let streams = MODULE_LABELS.iter().enumerate().map(|(i, label)| {
-            let cfg = watcher::Config::default()
-                .labels(&format!("{label}={MODULE_LABEL_VALUE}"))
-                .fields("spec.nodeName!=");
+            // Unbound pods too: a rollout is visible before its new pods are scheduled.
+            let cfg = watcher::Config::default().labels(&format!("{label}={MODULE_LABEL_VALUE}"));
             watcher(pods.clone(), cfg).map_ok(move |e| (i, e)).boxed()
         });
         let mut pod_stream = futures::stream::select_all(streams);
+        let deployments: Api<Deployment> = Api::all(client.clone());
+        let mut deploy_stream = watcher(deployments, watcher::Config::default()).boxed();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -310,6 +362,14 @@ impl Core {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     None => anyhow::bail!("pod watch ended"),
+                },
+                item = deploy_stream.next() => match item {
+                    Some(Ok(e)) => self.on_deployment_event(e),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "deployment watch error; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    None => anyhow::bail!("deployment watch ended"),
                 },
             }
         }
@@ -384,6 +444,7 @@ impl Core {
             let exit = actor.run(rx).await;
             let _ = exit_tx.send((id, generation, exit));
         });
+        let _ = tx.send(BaseMsg::Rollouts(self.rollouts.clone()));
         if self.pods.all_synced() {
             let node = shape::node_name(base_id, &self.env);
             let _ = tx.send(BaseMsg::PodsSynced(self.pods.pods_on(&node)));
@@ -456,8 +517,73 @@ impl Core {
         }
     }
 
+    fn track_owner(&mut self, pod: &Pod, present: bool) {
+        let (Some(owner), Some(uid)) = (owner_of(pod), pod.metadata.uid.clone()) else {
+            return;
+        };
+        let live = present && pod.metadata.deletion_timestamp.is_none();
+        let entry = self.owners.entry(owner.key.clone()).or_default();
+        if live {
+            entry.insert(uid, owner.template_hash);
+        } else {
+            entry.remove(&uid);
+            if entry.is_empty() {
+                self.owners.remove(&owner.key);
+            }
+        }
+    }
+
+    /// Recomputes the owners with a rollout in progress and tells every actor when it changed.
+    fn refresh_rollouts(&mut self) {
+        let mut set: HashSet<String> = self
+            .owners
+            .iter()
+            .filter(|(_, pods)| pods.values().collect::<HashSet<_>>().len() > 1)
+            .map(|(o, _)| o.clone())
+            .collect();
+        set.extend(
+            self.deployments
+                .iter()
+                .filter(|(_, d)| d.in_rollout)
+                .map(|(k, _)| k.clone()),
+        );
+        if *self.rollouts != set {
+            debug!(rollouts = ?set, "rollouts in progress changed");
+            self.rollouts = Arc::new(set);
+            for a in self.actors.values() {
+                let _ = a.tx.send(BaseMsg::Rollouts(self.rollouts.clone()));
+            }
+        }
+    }
+
+    fn on_deployment_event(&mut self, e: watcher::Event<Deployment>) {
+        match e {
+            watcher::Event::Apply(d) | watcher::Event::InitApply(d) => {
+                let key = deployment_key(&d);
+                match summarize(&d) {
+                    Some(s) => {
+                        self.deployments.insert(key, s);
+                    }
+                    None => {
+                        self.deployments.remove(&key);
+                    }
+                }
+            }
+            watcher::Event::Delete(d) => {
+                self.deployments.remove(&deployment_key(&d));
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+        self.refresh_rollouts();
+    }
+
     fn on_pod_event(&mut self, stream: usize, e: watcher::Event<Pod>) {
         metrics().pod_events.inc();
+        self.apply_pod_event(stream, e);
+        self.refresh_rollouts();
+    }
+
+    fn apply_pod_event(&mut self, stream: usize, e: watcher::Event<Pod>) {
         match e {
             watcher::Event::Init => self.pods.init[stream] = Some(Vec::new()),
             watcher::Event::InitApply(p) => {
@@ -489,6 +615,12 @@ impl Core {
                     }
                 }
                 self.pods.synced[stream] = true;
+                self.owners.clear();
+                let all: Vec<Arc<Pod>> =
+                    self.pods.by_uid.values().map(|(p, _)| p.clone()).collect();
+                for p in &all {
+                    self.track_owner(p, true);
+                }
                 if self.pods.all_synced() {
                     let mut by_node: BTreeMap<String, Vec<Arc<Pod>>> = BTreeMap::new();
                     for (p, _) in self.pods.by_uid.values() {
@@ -508,6 +640,7 @@ impl Core {
                     return;
                 };
                 let p = Arc::new(p);
+                self.track_owner(&p, true);
                 let entry = self
                     .pods
                     .by_uid
@@ -531,6 +664,7 @@ impl Core {
                     None => true,
                 };
                 if gone {
+                    self.track_owner(&p, false);
                     self.pods.by_uid.remove(&uid);
                     self.route(node_of(&p), BaseMsg::PodRemoved(uid));
                 }

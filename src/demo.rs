@@ -65,6 +65,8 @@ fn demo_settings(broker_port: u16, metrics_port: u16) -> Settings {
         metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
         plugins_dir: None,
         replicas_sync: false,
+        retention_timeout: Duration::from_secs(600),
+        lossless: true,
     }
 }
 

@@ -14,19 +14,19 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::base::plan::{self, Failure, InFlight, PlanInput, PodInfo};
+use crate::base::plan::{self, Failure, InFlight, PlanInput, PodInfo, Retention};
 use crate::kube_util::{KubeCtx, now_time, pod_ref};
 use crate::model::{
     BaseCommand, BaseHealth, BaseHeartbeat, BaseLifecycle, BizState, ModuleKey, ModuleSpec,
     ModuleStatus, OperationKind, OperationResult, TunnelEvent,
 };
 use crate::rollout::PolicySource;
-use crate::rollout::ordering::{StatusChange, order_with};
+use crate::rollout::ordering::{StatusChange, Waves, default_waves, order_with};
 use crate::tunnel::Tunnel;
 use crate::vnode::lease;
 use crate::vnode::liveness::{Liveness, LivenessPolicy};
 use crate::vnode::shape::{self, NodeReadiness, NodeShapeInput};
-use crate::vpod::spec::{creation_secs, modules_of, pod_key};
+use crate::vpod::spec::{creation_secs, modules_of, owner_of, pod_key};
 use crate::vpod::status::{Note, is_ready};
 use crate::vpod::writer;
 
@@ -50,6 +50,11 @@ pub struct ActorSettings {
     pub command_timeout: Duration,
     /// Tick period (liveness checks, retries).
     pub tick: Duration,
+    /// Hand-over protection and the NotReady-before-Ready order; `false` only in tests that
+    /// demonstrate what they prevent.
+    pub lossless: bool,
+    /// Longest a module is kept on a base waiting for its replacement during a rollout.
+    pub retention_timeout: Duration,
 }
 
 /// A message to a base actor.
@@ -65,6 +70,11 @@ pub enum BaseMsg {
     PodsSynced(Vec<Arc<Pod>>),
     /// HTTP tunnel: answer a base's queryBaseline.
     Baseline(oneshot::Sender<Vec<ModuleSpec>>),
+    /// Owners with a rollout in progress (replaces the previous set).
+    Rollouts(Arc<HashSet<String>>),
+    /// Batch-policy holds for pods on this base (replaces the previous holds of those pods;
+    /// `None` releases a pod).
+    Holds(Vec<(String, Option<Note>)>),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,6 +156,8 @@ pub struct BaseActor {
     inflight: HashMap<(OperationKind, ModuleKey), InFlight>,
     failures: HashMap<ModuleKey, Failure>,
     held: HashMap<String, Note>,
+    rollouts: Arc<HashSet<String>>,
+    retained: HashMap<ModuleKey, Retention>,
     next_query_at: Instant,
     last_query_at: Option<Instant>,
     events_sent: HashSet<(String, String, String)>,
@@ -189,6 +201,8 @@ impl BaseActor {
             inflight: HashMap::new(),
             failures: HashMap::new(),
             held: HashMap::new(),
+            rollouts: Arc::new(HashSet::new()),
+            retained: HashMap::new(),
             next_query_at: now,
             last_query_at: None,
             events_sent: HashSet::new(),
@@ -241,6 +255,19 @@ impl BaseActor {
                     let _ = tx.send(plan::baseline(&self.pods));
                 }
             }
+            BaseMsg::Rollouts(r) => self.rollouts = r,
+            BaseMsg::Holds(holds) => {
+                for (uid, note) in holds {
+                    match note {
+                        Some(n) => {
+                            self.held.insert(uid, n);
+                        }
+                        None => {
+                            self.held.remove(&uid);
+                        }
+                    }
+                }
+            }
             BaseMsg::Baseline(tx) => {
                 self.seen();
                 self.base_restarted();
@@ -264,6 +291,7 @@ impl BaseActor {
             creation_ts: creation_secs(&pod),
             revision: 0,
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            owner: owner_of(&pod).map(|o| o.key),
             modules: modules_of(&pod),
             status: pod.status.clone(),
             pod,
@@ -345,6 +373,7 @@ impl BaseActor {
                 _ => {}
             }
         }
+        self.retained.retain(|k, _| map.contains_key(k));
         self.reported = Some(map);
     }
 
@@ -474,7 +503,18 @@ impl BaseActor {
             now,
             now_time: &now_t,
             command_timeout: self.settings.command_timeout,
+            rollouts: &self.rollouts,
+            retained: &self.retained,
+            retention_timeout: self.settings.retention_timeout,
+            lossless: self.settings.lossless,
         });
+
+        for (key, owner) in decided.retain {
+            if !self.retained.contains_key(&key) {
+                info!(base = %self.base_id, module = %key, %owner, "keeping the base's last instance until its replacement is active (rollout in progress)");
+                self.retained.insert(key, Retention { owner, since: now });
+            }
+        }
 
         for spec in decided.installs {
             let key = spec.key();
@@ -548,11 +588,17 @@ impl BaseActor {
                 }
             })
             .collect();
-        let rule = self.policies.ordering();
-        let (waves, err) = order_with(rule.as_ref(), &changes);
-        if let Some(e) = err {
-            warn!(base = %self.base_id, rule = rule.name(), error = %e, "ordering rule overruled; built-in order used");
-        }
+        let waves: Waves = if self.settings.lossless {
+            let rule = self.policies.ordering();
+            let (waves, err) = order_with(rule.as_ref(), &changes);
+            if let Some(e) = err {
+                warn!(base = %self.base_id, rule = rule.name(), error = %e, "ordering rule overruled; built-in order used");
+            }
+            waves
+        } else {
+            // Test-only: the unsafe order (Ready writes first), to show what the invariant prevents.
+            default_waves(&changes).into_iter().rev().collect()
+        };
         for wave in waves {
             let writes = wave.iter().map(|&i| {
                 let (uid, st) = &statuses[i];

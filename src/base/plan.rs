@@ -27,6 +27,8 @@ pub struct PodInfo {
     pub revision: i64,
     /// Has a deletion timestamp.
     pub deleting: bool,
+    /// Owning workload (`namespace/Kind/name`), if any.
+    pub owner: Option<String>,
     /// One entry per container.
     pub modules: Vec<ContainerModule>,
     /// Status as last seen from the apiserver.
@@ -64,6 +66,16 @@ pub struct Failure {
     pub count: u32,
 }
 
+/// A module kept on a base after its last pod left, because its owner is mid-rollout and the
+/// base would otherwise run no instance of the module until its replacement arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// The owner whose rollout this waits for.
+    pub owner: String,
+    /// Since when.
+    pub since: Instant,
+}
+
 /// Everything the planner looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
@@ -89,6 +101,14 @@ pub struct PlanInput<'a> {
     pub now_time: &'a Time,
     /// How long to wait for an outcome before re-sending (doubles per attempt).
     pub command_timeout: Duration,
+    /// Owners with a rollout in progress (more than one template revision among live pods).
+    pub rollouts: &'a HashSet<String>,
+    /// Modules kept for a hand-over.
+    pub retained: &'a HashMap<ModuleKey, Retention>,
+    /// Longest a retained module waits for its replacement.
+    pub retention_timeout: Duration,
+    /// Hand-over protection on (off only in tests that show what it prevents).
+    pub lossless: bool,
 }
 
 /// What to do now.
@@ -104,6 +124,8 @@ pub struct Plan {
     pub statuses: Vec<(String, PodStatus)>,
     /// Installs wanted but held by the batch policy (pod uid, module).
     pub held_installs: Vec<(String, ModuleSpec)>,
+    /// Modules to keep for a hand-over from now on (their pods are removed).
+    pub retain: Vec<(ModuleKey, String)>,
 }
 
 /// Resend delay after `attempts` sends: timeout, 2×, 4× … capped at 16×.
@@ -162,6 +184,39 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
             .and_then(|r| r.get(k))
             .is_some_and(|m| m.state == BizState::Activated)
     };
+    // The base's only running instance of that module name.
+    let sole_active = |k: &ModuleKey| {
+        is_active(k)
+            && i.reported.is_some_and(|r| {
+                !r.values().any(|m| {
+                    m.name == k.name && m.version != k.version && m.state == BizState::Activated
+                })
+            })
+    };
+    // Deleting pods whose last module instance is handed over instead of uninstalled.
+    let mut retain_now: HashMap<ModuleKey, String> = HashMap::new();
+    if i.lossless && i.alive {
+        for p in i.pods.values().filter(|p| p.deleting) {
+            let Some(owner) = p.owner.as_ref().filter(|o| i.rollouts.contains(*o)) else {
+                continue;
+            };
+            for s in p.specs() {
+                let k = s.key();
+                if !keep.contains(&k) && sole_active(&k) {
+                    retain_now.insert(k, owner.clone());
+                }
+            }
+        }
+    }
+    let retained = |k: &ModuleKey| {
+        retain_now.contains_key(k)
+            || (i.lossless
+                && i.retained.get(k).is_some_and(|r| {
+                    i.rollouts.contains(&r.owner)
+                        && i.now.saturating_duration_since(r.since) < i.retention_timeout
+                })
+                && sole_active(k))
+    };
 
     if i.alive
         && let Some(reported) = i.reported
@@ -194,8 +249,10 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
         // Uninstalls: anything reported that no live pod asks for (only once the pod list is
         // complete, or a restart would uninstall everything).
         if i.pods_synced {
-            let mut orphans: Vec<&ModuleKey> =
-                reported.keys().filter(|k| !keep.contains(k)).collect();
+            let mut orphans: Vec<&ModuleKey> = reported
+                .keys()
+                .filter(|k| !keep.contains(k) && !retained(k))
+                .collect();
             orphans.sort();
             for key in orphans {
                 if due(
@@ -214,14 +271,19 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
         let gone = match (i.alive, i.reported) {
             (false, _) => true,
             (true, None) => false,
-            (true, Some(r)) => p
-                .specs()
-                .all(|s| keep.contains(&s.key()) || !r.contains_key(&s.key())),
+            (true, Some(r)) => p.specs().all(|s| {
+                let k = s.key();
+                keep.contains(&k) || !r.contains_key(&k) || retain_now.contains_key(&k)
+            }),
         };
         if gone {
             out.delete_pods.push(p.uid.clone());
         }
     }
+
+    let mut retain: Vec<(ModuleKey, String)> = retain_now.into_iter().collect();
+    retain.sort();
+    out.retain = retain;
 
     // Statuses, only while the base is alive and what it runs is known (so a restart of the
     // controller or a returning base never flaps a pod).
@@ -351,6 +413,7 @@ mod tests {
             creation_ts: created,
             revision: 0,
             deleting,
+            owner: Some("ns/Deployment/d".into()),
             modules: vec![Ok(spec(v))],
             status: None,
             pod: Arc::new(Pod::default()),
@@ -380,6 +443,9 @@ mod tests {
         inflight: HashMap<(OperationKind, ModuleKey), InFlight>,
         failures: HashMap<ModuleKey, Failure>,
         held: HashMap<String, Note>,
+        rollouts: HashSet<String>,
+        retained: HashMap<ModuleKey, Retention>,
+        lossless: bool,
         now: Instant,
         t: Time,
     }
@@ -392,6 +458,9 @@ mod tests {
                 inflight: HashMap::new(),
                 failures: HashMap::new(),
                 held: HashMap::new(),
+                rollouts: HashSet::new(),
+                retained: HashMap::new(),
+                lossless: true,
                 now: Instant::now(),
                 t: time_from_ms(0).expect("t"),
             }
@@ -409,6 +478,10 @@ mod tests {
                 now: self.now,
                 now_time: &self.t,
                 command_timeout: Duration::from_secs(10),
+                rollouts: &self.rollouts,
+                retained: &self.retained,
+                retention_timeout: Duration::from_secs(600),
+                lossless: self.lossless,
             })
         }
     }
@@ -570,5 +643,83 @@ mod tests {
             .waiting
             .expect("w");
         assert_eq!(w.message.as_deref(), Some("batch 2 of 4 opens in 30s"));
+    }
+
+    #[test]
+    fn last_instance_is_handed_over_during_a_rollout() {
+        // maxUnavailable > 0: the old pod on this base is deleted before any new pod lands here.
+        let mut fx = Fx::new(
+            vec![pod("old", 1, "1", true)],
+            Some(reported(&[("1", BizState::Activated)])),
+        );
+        fx.rollouts.insert("ns/Deployment/d".into());
+        let p = fx.plan(true, true);
+        assert!(p.uninstalls.is_empty(), "the base keeps its only instance");
+        assert_eq!(
+            p.delete_pods,
+            vec!["old".to_string()],
+            "the pod leaves at once"
+        );
+        assert_eq!(
+            p.retain,
+            vec![(ModuleKey::new("m", "1"), "ns/Deployment/d".to_string())]
+        );
+        // Pod gone, module retained while the rollout lasts.
+        fx.pods.clear();
+        fx.retained.insert(
+            ModuleKey::new("m", "1"),
+            Retention {
+                owner: "ns/Deployment/d".into(),
+                since: fx.now,
+            },
+        );
+        assert!(fx.plan(true, true).uninstalls.is_empty());
+        // The replacement lands here: installed, and then the old version goes.
+        fx.pods.insert("new".into(), pod("new", 2, "2", false));
+        assert_eq!(fx.plan(true, true).installs, vec![spec("2")]);
+        fx.reported = Some(reported(&[
+            ("1", BizState::Deactivated),
+            ("2", BizState::Activated),
+        ]));
+        assert_eq!(
+            fx.plan(true, true).uninstalls,
+            vec![ModuleKey::new("m", "1")]
+        );
+    }
+
+    #[test]
+    fn retention_ends_with_the_rollout_or_when_disabled() {
+        let mut fx = Fx::new(vec![], Some(reported(&[("1", BizState::Activated)])));
+        fx.retained.insert(
+            ModuleKey::new("m", "1"),
+            Retention {
+                owner: "ns/Deployment/d".into(),
+                since: fx.now,
+            },
+        );
+        // Rollout over and no pod here: uninstall.
+        assert_eq!(
+            fx.plan(true, true).uninstalls,
+            vec![ModuleKey::new("m", "1")]
+        );
+        fx.rollouts.insert("ns/Deployment/d".into());
+        assert!(fx.plan(true, true).uninstalls.is_empty());
+        fx.lossless = false;
+        assert_eq!(
+            fx.plan(true, true).uninstalls,
+            vec![ModuleKey::new("m", "1")]
+        );
+    }
+
+    #[test]
+    fn plain_scale_down_uninstalls_at_once() {
+        let mut fx = Fx::new(
+            vec![pod("a", 1, "1", true)],
+            Some(reported(&[("1", BizState::Activated)])),
+        );
+        fx.rollouts.clear();
+        let p = fx.plan(true, true);
+        assert_eq!(p.uninstalls, vec![ModuleKey::new("m", "1")]);
+        assert!(p.delete_pods.is_empty() && p.retain.is_empty());
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use module_controller::plugin::{PluginConfig, PluginHost};
-use module_controller::rollout::ordering::{StatusChange, default_waves};
+use module_controller::rollout::ordering::{StatusChange, default_waves, order_with};
 
 /// Benchmark options.
 #[derive(Debug, Parser)]
@@ -248,12 +248,14 @@ async fn main() -> anyhow::Result<()> {
         let written = Instant::now();
         write_atomic(&dir.path().join("ordering.wasm"), &bytes)?;
         loop {
-            if host.ordering_rule().order(&probe).ok().as_ref() == Some(&want[variant]) {
+            if order_with(host.ordering_rule().as_ref(), &probe).0 == want[variant] {
                 break;
             }
             if written.elapsed() > Duration::from_secs(10) {
                 bail!(
-                    "reload {i} did not serve within 10 s: {:?}",
+                    "reload {i} did not serve within 10 s: got {:?}, want {:?}, errors {:?}",
+                    host.ordering_rule().order(&probe),
+                    want[variant],
                     host.load_errors()
                 );
             }

@@ -13,9 +13,9 @@ use anyhow::{Context, bail};
 use tempfile::TempDir;
 
 use super::binaries;
-use super::keep_test_dirs;
 use super::ports::{free_port, is_listening};
 use super::process::ManagedProcess;
+use super::{keep_dir, keep_test_dirs, owned_temp_dir};
 
 /// How long a broker may take to accept TCP connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,10 +44,7 @@ impl Mosquitto {
     pub async fn start() -> anyhow::Result<Mosquitto> {
         let binary = binaries::resolve_mosquitto()?;
         let port = free_port()?;
-        let dir = tempfile::Builder::new()
-            .prefix("mc-mosquitto-")
-            .tempdir()
-            .context("creating the mosquitto temp dir")?;
+        let dir = owned_temp_dir("mc-mosquitto-")?;
         let config_path = dir.path().join("mosquitto.conf");
         fs::write(&config_path, config_text(port))
             .with_context(|| format!("writing {}", config_path.display()))?;
@@ -138,7 +135,7 @@ impl Drop for Mosquitto {
         self.stop();
         if let Some(dir) = self.dir.take() {
             if keep_test_dirs() {
-                let kept = dir.keep();
+                let kept = keep_dir(dir);
                 tracing::info!(dir = %kept.display(), "keeping mosquitto dir (MC_KEEP_TEST_DIRS=1)");
             } else if let Err(error) = dir.close() {
                 tracing::warn!(%error, "removing mosquitto temp dir failed");

@@ -22,7 +22,7 @@ use tracing::instrument::WithSubscriber;
 use super::binaries::{self, K8sBinaries};
 use super::ports::free_port;
 use super::process::ManagedProcess;
-use super::{env_flag, keep_test_dirs};
+use super::{env_flag, keep_dir, keep_test_dirs, owned_temp_dir};
 
 /// Set to `1` to use the cluster in `$KUBECONFIG` instead of starting one.
 pub const ENV_USE_EXISTING_CLUSTER: &str = "MC_USE_EXISTING_CLUSTER";
@@ -90,7 +90,7 @@ impl Owned {
         }
         if let Some(dir) = self.temp_dir.take() {
             if keep_test_dirs() {
-                let kept = dir.keep();
+                let kept = keep_dir(dir);
                 tracing::info!(dir = %kept.display(), "keeping control plane dir (MC_KEEP_TEST_DIRS=1)");
             } else if let Err(error) = dir.close() {
                 tracing::warn!(%error, "removing control plane temp dir failed");
@@ -242,10 +242,7 @@ impl ControlPlane {
             .and_then(|v| std::env::split_paths(&v).next())
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
             .ok_or_else(|| anyhow!("neither KUBECONFIG nor HOME is set"))?;
-        let temp_dir = tempfile::Builder::new()
-            .prefix("mc-existing-cluster-")
-            .tempdir()
-            .context("creating a log dir")?;
+        let temp_dir = owned_temp_dir("mc-existing-cluster-")?;
         let api_url = config
             .cluster_url
             .to_string()
@@ -302,10 +299,7 @@ async fn start_local(
             dir.clone()
         }
         None => {
-            let temp = tempfile::Builder::new()
-                .prefix("mc-control-plane-")
-                .tempdir()
-                .context("creating the control plane temp dir")?;
+            let temp = owned_temp_dir("mc-control-plane-")?;
             let path = temp.path().to_owned();
             owned.temp_dir = Some(temp);
             path

@@ -188,7 +188,9 @@ pub(crate) fn invoke<R>(
         if cpu_used >= budget || start.elapsed() >= wall_cap {
             return Ok(UpdateDeadline::Interrupt);
         }
-        Ok(UpdateDeadline::Continue(budget_ticks(budget - cpu_used)))
+        // Check again when either the CPU budget or the wall cap could run out.
+        let next = (budget - cpu_used).min(wall_cap.saturating_sub(start.elapsed()));
+        Ok(UpdateDeadline::Continue(budget_ticks(next)))
     });
     let result = pre
         .instantiate(&mut store)

@@ -176,3 +176,93 @@ mod tests {
         assert!(is_module_pod(&p));
     }
 }
+
+/// The workload a pod belongs to and its template revision, for rollout tracking.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// `namespace/Kind/name` of the workload (the Deployment for ReplicaSet-owned pods).
+    pub key: String,
+    /// Template revision (`pod-template-hash` or `controller-revision-hash`), if any.
+    pub template_hash: Option<String>,
+}
+
+/// The owning workload of a pod: a Deployment (derived from its ReplicaSet's name and the
+/// `pod-template-hash` label), else the controller owner itself.
+pub fn owner_of(pod: &Pod) -> Option<Owner> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let r = pod
+        .metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|r| r.controller == Some(true))?;
+    let labels = pod.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+    let (key, template_hash) = match r.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = label("pod-template-hash");
+            let deployment = hash
+                .as_deref()
+                .and_then(|h| r.name.strip_suffix(h))
+                .and_then(|n| n.strip_suffix('-'));
+            match deployment {
+                Some(d) => (format!("{ns}/Deployment/{d}"), hash),
+                None => (format!("{ns}/ReplicaSet/{}", r.name), hash),
+            }
+        }
+        kind => (
+            format!("{ns}/{kind}/{}", r.name),
+            label("controller-revision-hash"),
+        ),
+    };
+    Some(Owner { key, template_hash })
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    fn pod_owned(kind: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        p.metadata.owner_references = Some(vec![OwnerReference {
+            kind: kind.into(),
+            name: name.into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        p
+    }
+
+    #[test]
+    fn replica_set_pods_belong_to_their_deployment() {
+        let o = owner_of(&pod_owned(
+            "ReplicaSet",
+            "biz1-7b5f959786",
+            &[("pod-template-hash", "7b5f959786")],
+        ))
+        .expect("owner");
+        assert_eq!(o.key, "ns/Deployment/biz1");
+        assert_eq!(o.template_hash.as_deref(), Some("7b5f959786"));
+        let o = owner_of(&pod_owned("ReplicaSet", "plain", &[])).expect("owner");
+        assert_eq!(o.key, "ns/ReplicaSet/plain");
+        let o = owner_of(&pod_owned(
+            "DaemonSet",
+            "ds",
+            &[("controller-revision-hash", "abc")],
+        ))
+        .expect("owner");
+        assert_eq!(
+            (o.key.as_str(), o.template_hash.as_deref()),
+            ("ns/DaemonSet/ds", Some("abc"))
+        );
+        assert!(owner_of(&Pod::default()).is_none());
+    }
+}

@@ -120,6 +120,8 @@ impl TestEnv {
             metrics_addr: None,
             plugins_dir: None,
             replicas_sync: false,
+            retention_timeout: Duration::from_secs(120),
+            lossless: true,
         }
     }
 

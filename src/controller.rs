@@ -24,7 +24,8 @@ use crate::base::actor::{ActorExit, ActorSettings, BaseActor, BaseMsg};
 use crate::config::Settings;
 use crate::kube_util::KubeCtx;
 use crate::model::{BaseEvent, BaseMetadata, ModuleSpec, TunnelEvent};
-use crate::rollout::PolicySource;
+use crate::rollout::gate::{self, GatePod, GateState};
+use crate::rollout::{PolicySource, is_admit_all};
 use crate::tunnel::Tunnel;
 use crate::tunnel::arklet_codec::ArkletCodec;
 use crate::tunnel::codec::CodecSet;
@@ -33,6 +34,8 @@ use crate::tunnel::mqtt::{MqttTunnel, count_received};
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL};
 use crate::vpod::spec::{MODULE_LABEL_VALUE, MODULE_LABELS, owner_of};
+use crate::vpod::spec::{creation_secs, modules_of};
+use crate::vpod::status::{Note, is_ready};
 
 struct ControllerMetrics {
     bases: Gauge,
@@ -206,6 +209,10 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         owners: HashMap::new(),
         deployments: HashMap::new(),
         rollouts: Arc::new(HashSet::new()),
+        gates: HashMap::new(),
+        gate_recheck: HashMap::new(),
+        sent_holds: HashMap::new(),
+        outbox: Vec::new(),
         exit_tx,
     };
     let c = cancel.clone();
@@ -317,6 +324,12 @@ struct Core {
     owners: HashMap<String, HashMap<String, Option<String>>>,
     deployments: HashMap<String, DeploySummary>,
     rollouts: Arc<HashSet<String>>,
+    /// Batch gating memory per Deployment, next re-evaluation, and the holds actors know of.
+    gates: HashMap<String, GateState>,
+    gate_recheck: HashMap<String, std::time::Instant>,
+    sent_holds: HashMap<String, Note>,
+    /// Messages to actors, sent after the holds computed for the same event.
+    outbox: Vec<(String, BaseMsg)>,
     exit_tx: mpsc::UnboundedSender<(String, u64, ActorExit)>,
 }
 
@@ -344,6 +357,8 @@ impl Core {
         let mut pod_stream = futures::stream::select_all(streams);
         let deployments: Api<Deployment> = Api::all(client.clone());
         let mut deploy_stream = watcher(deployments, watcher::Config::default()).boxed();
+        let mut gate_tick = tokio::time::interval(Duration::from_millis(500));
+        gate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -363,6 +378,7 @@ impl Core {
                     }
                     None => anyhow::bail!("pod watch ended"),
                 },
+                _ = gate_tick.tick() => self.recheck_gates(),
                 item = deploy_stream.next() => match item {
                     Some(Ok(e)) => self.on_deployment_event(e),
                     Some(Err(e)) => {
@@ -447,6 +463,16 @@ impl Core {
         let _ = tx.send(BaseMsg::Rollouts(self.rollouts.clone()));
         if self.pods.all_synced() {
             let node = shape::node_name(base_id, &self.env);
+            let holds: Vec<(String, Option<Note>)> = self
+                .pods
+                .pods_on(&node)
+                .iter()
+                .filter_map(|p| p.metadata.uid.clone())
+                .filter_map(|uid| self.sent_holds.get(&uid).map(|n| (uid, Some(n.clone()))))
+                .collect();
+            if !holds.is_empty() {
+                let _ = tx.send(BaseMsg::Holds(holds));
+            }
             let _ = tx.send(BaseMsg::PodsSynced(self.pods.pods_on(&node)));
         }
         metrics().bases.inc();
@@ -508,12 +534,155 @@ impl Core {
         }
     }
 
-    fn route(&self, node: Option<&str>, msg: BaseMsg) {
+    /// Queues a message for the actor of `node`; sent by `flush` after the event's holds.
+    fn route(&mut self, node: Option<&str>, msg: BaseMsg) {
+        if let Some(id) = node.and_then(|n| shape::base_id_of(n, &self.env)) {
+            self.outbox.push((id, msg));
+        }
+    }
+
+    fn flush(&mut self) {
+        for (id, msg) in std::mem::take(&mut self.outbox) {
+            if let Some(a) = self.actors.get(&id) {
+                let _ = a.tx.send(msg);
+            }
+        }
+    }
+
+    fn send_to_node(&self, node: Option<&str>, msg: BaseMsg) {
         let Some(id) = node.and_then(|n| shape::base_id_of(n, &self.env)) else {
             return;
         };
         if let Some(a) = self.actors.get(&id) {
             let _ = a.tx.send(msg);
+        }
+    }
+
+    fn gate_pod(&self, uid: &str, hash: &Option<String>) -> Option<GatePod> {
+        let (p, _) = self.pods.by_uid.get(uid)?;
+        let node = node_of(p).map(str::to_string);
+        Some(GatePod {
+            uid: uid.to_string(),
+            name: crate::vpod::spec::pod_key(p),
+            base_id: node
+                .as_deref()
+                .and_then(|n| shape::base_id_of(n, &self.env)),
+            node,
+            template_hash: hash.clone(),
+            creation_ts: creation_secs(p),
+            ready: is_ready(p.status.as_ref()),
+            module: modules_of(p)
+                .into_iter()
+                .next()
+                .and_then(Result::ok)
+                .map(|m| (m.name, m.version)),
+        })
+    }
+
+    /// Sets a pod's hold, telling its actor only when it changes.
+    fn set_hold(&mut self, uid: &str, note: Option<Note>) {
+        // Holds matter once a pod is bound: only then does an actor know it.
+        let bound = self
+            .pods
+            .by_uid
+            .get(uid)
+            .is_some_and(|(p, _)| node_of(p).is_some());
+        if !bound || self.sent_holds.get(uid) == note.as_ref() {
+            return;
+        }
+        match &note {
+            Some(n) => {
+                self.sent_holds.insert(uid.to_string(), n.clone());
+            }
+            None => {
+                self.sent_holds.remove(uid);
+            }
+        }
+        let node = self
+            .pods
+            .by_uid
+            .get(uid)
+            .and_then(|(p, _)| node_of(p).map(str::to_string));
+        self.send_to_node(
+            node.as_deref(),
+            BaseMsg::Holds(vec![(uid.to_string(), note)]),
+        );
+    }
+
+    /// Re-evaluates the batch policy of one owner's rollout and updates holds.
+    fn gate_owner(&mut self, owner: &str) {
+        let uids: Vec<(String, Option<String>)> = self
+            .owners
+            .get(owner)
+            .map(|m| m.iter().map(|(u, h)| (u.clone(), h.clone())).collect())
+            .unwrap_or_default();
+        let policy = self
+            .deployments
+            .get(owner)
+            .and_then(|d| self.policies.batch_policy(&d.annotations))
+            .filter(|p| !is_admit_all(p.as_ref()));
+        let Some(policy) = policy else {
+            self.gates.remove(owner);
+            self.gate_recheck.remove(owner);
+            for (uid, _) in uids {
+                self.set_hold(&uid, None);
+            }
+            return;
+        };
+        let pods: Vec<GatePod> = uids
+            .iter()
+            .filter_map(|(u, h)| self.gate_pod(u, h))
+            .collect();
+        let (desired, annotations) = self
+            .deployments
+            .get(owner)
+            .map(|d| (d.replicas.max(0) as u32, d.annotations.clone()))
+            .unwrap_or_default();
+        let now = std::time::Instant::now();
+        let state = self.gates.entry(owner.to_string()).or_default();
+        let (out, err) = gate::evaluate(
+            policy.as_ref(),
+            state,
+            owner,
+            &pods,
+            desired,
+            &annotations,
+            now,
+        );
+        if let Some(e) = err {
+            warn!(owner, policy = policy.name(), error = %e, "batch policy overruled; all pending installs admitted");
+        }
+        if !out.newly_admitted.is_empty() {
+            info!(
+                owner,
+                policy = policy.name(),
+                admitted = out.newly_admitted.len(),
+                "batch admitted"
+            );
+        }
+        match out.recheck_at {
+            Some(t) => {
+                self.gate_recheck.insert(owner.to_string(), t);
+            }
+            None => {
+                self.gate_recheck.remove(owner);
+            }
+        }
+        for (uid, note) in out.holds {
+            self.set_hold(&uid, note);
+        }
+    }
+
+    fn recheck_gates(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<String> = self
+            .gate_recheck
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(o, _)| o.clone())
+            .collect();
+        for owner in due {
+            self.gate_owner(&owner);
         }
     }
 
@@ -557,9 +726,11 @@ impl Core {
     }
 
     fn on_deployment_event(&mut self, e: watcher::Event<Deployment>) {
+        let mut touched = None;
         match e {
             watcher::Event::Apply(d) | watcher::Event::InitApply(d) => {
                 let key = deployment_key(&d);
+                touched = Some(key.clone());
                 match summarize(&d) {
                     Some(s) => {
                         self.deployments.insert(key, s);
@@ -570,17 +741,40 @@ impl Core {
                 }
             }
             watcher::Event::Delete(d) => {
-                self.deployments.remove(&deployment_key(&d));
+                let key = deployment_key(&d);
+                self.deployments.remove(&key);
+                touched = Some(key);
             }
             watcher::Event::Init | watcher::Event::InitDone => {}
         }
         self.refresh_rollouts();
+        if let Some(owner) = touched {
+            self.gate_owner(&owner);
+        }
     }
 
     fn on_pod_event(&mut self, stream: usize, e: watcher::Event<Pod>) {
         metrics().pod_events.inc();
+        let touched: Vec<String> = match &e {
+            watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
+                owner_of(p).map(|o| vec![o.key]).unwrap_or_default()
+            }
+            watcher::Event::InitDone => self.deployments.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        if let watcher::Event::Delete(p) = &e
+            && let Some(uid) = p.metadata.uid.as_deref()
+        {
+            self.sent_holds.remove(uid);
+        }
         self.apply_pod_event(stream, e);
         self.refresh_rollouts();
+        // Holds first, then the pod changes themselves: an actor never sees a new pod before
+        // knowing whether the batch policy holds it.
+        for owner in touched {
+            self.gate_owner(&owner);
+        }
+        self.flush();
     }
 
     fn apply_pod_event(&mut self, stream: usize, e: watcher::Event<Pod>) {
@@ -628,10 +822,11 @@ impl Core {
                             by_node.entry(n.to_string()).or_default().push(p.clone());
                         }
                     }
-                    for (id, a) in &self.actors {
-                        let node = shape::node_name(id, &self.env);
+                    let ids: Vec<String> = self.actors.keys().cloned().collect();
+                    for id in ids {
+                        let node = shape::node_name(&id, &self.env);
                         let pods = by_node.remove(&node).unwrap_or_default();
-                        let _ = a.tx.send(BaseMsg::PodsSynced(pods));
+                        self.outbox.push((id, BaseMsg::PodsSynced(pods)));
                     }
                 }
             }
@@ -671,6 +866,64 @@ impl Core {
             }
         }
     }
+}
+
+/// Turns plugin faults into Kubernetes Events: on the Deployment a decision was for, else on the
+/// controller's own pod (`POD_NAMESPACE`/`POD_NAME`), else only the log and the metrics.
+pub fn report_plugin_faults(
+    client: kube::Client,
+    instance: &str,
+    mut faults: tokio::sync::broadcast::Receiver<crate::plugin::PluginFault>,
+) {
+    let ctx = KubeCtx::new(client, 2, instance);
+    let own_pod = match (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) {
+        (Ok(ns), Ok(name)) if !ns.is_empty() && !name.is_empty() => {
+            Some(k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: Some(ns),
+                name: Some(name),
+                ..Default::default()
+            })
+        }
+        _ => None,
+    };
+    tokio::spawn(async move {
+        loop {
+            let f = match faults.recv().await {
+                Ok(f) => f,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "plugin fault reporter lagged");
+                    continue;
+                }
+                Err(_) => return,
+            };
+            warn!(plugin = %f.plugin, reason = %f.reason, subject = ?f.subject, "plugin fault: {}", f.message);
+            let object = f
+                .subject
+                .as_deref()
+                .and_then(|s| {
+                    let parts: Vec<&str> = s.split('/').collect();
+                    match parts.as_slice() {
+                        [ns, "Deployment", name] | [ns, name] => {
+                            Some(k8s_openapi::api::core::v1::ObjectReference {
+                                api_version: Some("apps/v1".into()),
+                                kind: Some("Deployment".into()),
+                                namespace: Some(ns.to_string()),
+                                name: Some(name.to_string()),
+                                ..Default::default()
+                            })
+                        }
+                        _ => None,
+                    }
+                })
+                .or_else(|| own_pod.clone());
+            if let Some(o) = object {
+                let note = format!("plugin {}: {}", f.plugin, f.message);
+                ctx.event(&o, true, &f.reason, "PluginCall", note).await;
+            }
+        }
+    });
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz`.

@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use module_controller::config::RunArgs;
 use module_controller::controller::{self, ControllerDeps};
-use module_controller::rollout::BuiltinPolicies;
+use module_controller::plugin::{PluginConfig, PluginHost};
+use module_controller::rollout::plugin_policies::PluginPolicies;
+use module_controller::rollout::{BuiltinPolicies, PolicySource};
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -29,6 +31,9 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Quick start: local control plane, embedded broker, controller and simulated bases.
     Demo(module_controller::demo::DemoArgs),
+    /// Plugin author tools: check a plugin, dry-run its decisions.
+    #[command(subcommand)]
+    Plugin(module_controller::plugin::cli::PluginCommand),
 }
 
 fn init_tracing() {
@@ -52,12 +57,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes access: in-cluster config and KUBECONFIG both failed")?;
     info!(env = %settings.env, client_id = %settings.client_id, "starting module controller");
+    let (policies, codecs): (Arc<dyn PolicySource>, _) = match &settings.plugins_dir {
+        Some(dir) => {
+            let host = PluginHost::start(PluginConfig::new(dir.clone()))
+                .await
+                .with_context(|| format!("starting the plugin host on {}", dir.display()))?;
+            for p in host.status() {
+                info!(plugin = %p.name, kind = ?p.kind, version = %p.version, "plugin loaded");
+            }
+            controller::report_plugin_faults(client.clone(), &settings.client_id, host.faults());
+            let codecs = host.codecs();
+            (Arc::new(PluginPolicies(host)), codecs)
+        }
+        None => (Arc::new(BuiltinPolicies), controller::no_plugin_codecs()),
+    };
     let handle = controller::start(
         settings.clone(),
         ControllerDeps {
             client,
-            policies: Arc::new(BuiltinPolicies),
-            codecs: controller::no_plugin_codecs(),
+            policies,
+            codecs,
         },
     )
     .await?;
@@ -115,6 +134,7 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Some(Cmd::Run(args)) => run(*args).await,
             Some(Cmd::Demo(args)) => module_controller::demo::run(args).await,
+            Some(Cmd::Plugin(cmd)) => module_controller::plugin::cli::run(cmd),
             None => run(cli.run).await,
         }
     });

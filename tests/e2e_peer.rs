@@ -8,10 +8,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{TestEnv, eventually, pod_events};
+use common::{TestEnv, eventually};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use module_controller::model::{BaseCommand, ModuleKey};
 use module_controller::rollout::peer;
 use module_controller::sim::SimBase;
@@ -53,6 +54,22 @@ async fn wait_replicas(env: &TestEnv, name: &str, n: i32) {
         (replicas(env, name).await == Some(n)).then_some(())
     })
     .await;
+}
+
+/// PeerReplicasSynced Events about a Deployment.
+async fn deployment_events(env: &TestEnv, name: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    api.list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("PeerReplicasSynced")
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Deployment")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect()
 }
 
 fn nodes_of(pods: &[Pod]) -> BTreeSet<String> {
@@ -153,24 +170,26 @@ async fn peer_deployment_replicas_follow_the_ready_bases() {
         BTreeSet::from([env.node_name("p1"), env.node_name("p3")])
     );
 
-    // Each rescale was announced on the Deployment and counted.
-    let events = eventually(T, "rescale Events on the Deployment", || async {
-        let ev: Vec<String> = pod_events(&env.client, &env.ns, "peerbiz")
-            .await
-            .into_iter()
-            .filter(|(r, _)| r == "PeerReplicasSynced")
-            .map(|(_, n)| n)
-            .collect();
-        (ev.len() >= 3).then_some(ev)
+    // Each rescale was announced on the Deployment (repeats of one direction form a series).
+    let (up, down) = eventually(T, "rescale Events on the Deployment", || async {
+        let ev = deployment_events(&env, "peerbiz").await;
+        let find = |action: &str| {
+            ev.iter()
+                .find(|e| e.action.as_deref() == Some(action))
+                .cloned()
+        };
+        let up = find("ScaleUp")?;
+        let down = find("ScaleDown")?;
+        (up.series.as_ref().map(|s| s.count) == Some(2)).then_some((up, down))
     })
     .await;
     assert!(
-        events.iter().any(|n| n.contains("1 -> 2")),
-        "events: {events:?}"
+        up.note.as_deref().unwrap_or_default().contains("1 -> 2"),
+        "{up:?}"
     );
     assert!(
-        events.iter().any(|n| n.contains("3 -> 2")),
-        "events: {events:?}"
+        down.note.as_deref().unwrap_or_default().contains("3 -> 2"),
+        "{down:?}"
     );
     assert!(peer::outcome_total("rescaled") >= rescaled0 + 3);
 

@@ -446,11 +446,18 @@ async fn sync_once(
                         "replicas {} -> {}: {} Ready base(s) of env {env} match the pod template",
                         r.from, r.to, r.to
                     );
+                    // Distinct actions keep ups and downs apart: the recorder folds repeats of
+                    // one (reason, action) into a single Event series.
+                    let action = if r.to > r.from {
+                        "ScaleUp"
+                    } else {
+                        "ScaleDown"
+                    };
                     ctx.event(
                         &d.object_ref(&()),
                         false,
                         "PeerReplicasSynced",
-                        "Scale",
+                        action,
                         note,
                     )
                     .await;

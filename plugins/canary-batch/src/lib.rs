@@ -134,7 +134,10 @@ fn decide(cfg: &Config, facts: &Facts<'_>, pending: &[PendingInstall]) -> Decisi
     if since < soak_ms {
         let wait_ms = soak_ms - since;
         return hold(
-            format!("batch {next} of {total} opens in {}s", wait_ms.div_ceil(1000)),
+            format!(
+                "batch {next} of {total} opens in {}s",
+                wait_ms.div_ceil(1000)
+            ),
             Some(wait_ms),
         );
     }
@@ -189,22 +192,63 @@ impl Metadata for Canary {
             elapsed_ms: 0,
             since_last_ready_ms: None,
         };
-        let d = decide(&cfg, &Facts { view: &view, approved: false }, &pending);
+        let d = decide(
+            &cfg,
+            &Facts {
+                view: &view,
+                approved: false,
+            },
+            &pending,
+        );
         if d.admit != [3] {
-            return Err(format!("canary must be the oldest pending install, got {:?}", d.admit));
+            return Err(format!(
+                "canary must be the oldest pending install, got {:?}",
+                d.admit
+            ));
         }
         view.updated_ready = 1;
         view.since_last_ready_ms = Some(1_000);
-        let d = decide(&cfg, &Facts { view: &view, approved: false }, &pending[..3]);
-        if !d.admit.is_empty() || !d.hold_reason.unwrap_or_default().starts_with("waiting for approval") {
+        let d = decide(
+            &cfg,
+            &Facts {
+                view: &view,
+                approved: false,
+            },
+            &pending[..3],
+        );
+        if !d.admit.is_empty()
+            || !d
+                .hold_reason
+                .unwrap_or_default()
+                .starts_with("waiting for approval")
+        {
             return Err("without approval nothing may proceed after the canary".into());
         }
-        let d = decide(&cfg, &Facts { view: &view, approved: true }, &pending[..3]);
-        if d.hold_reason.as_deref() != Some("batch 2 of 4 opens in 29s") || d.recheck_after_ms != Some(29_000) {
-            return Err(format!("soak: got {:?} / {:?}", d.hold_reason, d.recheck_after_ms));
+        let d = decide(
+            &cfg,
+            &Facts {
+                view: &view,
+                approved: true,
+            },
+            &pending[..3],
+        );
+        if d.hold_reason.as_deref() != Some("batch 2 of 4 opens in 29s")
+            || d.recheck_after_ms != Some(29_000)
+        {
+            return Err(format!(
+                "soak: got {:?} / {:?}",
+                d.hold_reason, d.recheck_after_ms
+            ));
         }
         view.since_last_ready_ms = Some(31_000);
-        let d = decide(&cfg, &Facts { view: &view, approved: true }, &pending[..3]);
+        let d = decide(
+            &cfg,
+            &Facts {
+                view: &view,
+                approved: true,
+            },
+            &pending[..3],
+        );
         if d.admit != [2] {
             return Err(format!("batch 2 must admit one install, got {:?}", d.admit));
         }
@@ -217,7 +261,14 @@ impl Batch for Canary {
         let cfg = Config::parse(&batch_sdk::host::config())?;
         let approved = batch_sdk::rollout_context::annotation(&cfg.approval_annotation)
             .is_some_and(|v| v.trim().eq_ignore_ascii_case(&cfg.approval_value));
-        Ok(decide(&cfg, &Facts { view: &view, approved }, &pending))
+        Ok(decide(
+            &cfg,
+            &Facts {
+                view: &view,
+                approved,
+            },
+            &pending,
+        ))
     }
 }
 

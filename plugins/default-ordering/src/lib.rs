@@ -13,7 +13,10 @@ fn waves(changes: &[StatusChange]) -> Vec<Vec<u32>> {
     let mut second: Vec<u32> = (0..n).filter(|&i| becomes_ready(at(i))).collect();
     first.sort_by_key(|&i| (at(i).revision, at(i).creation_ts, i));
     second.sort_by_key(|&i| (at(i).creation_ts, at(i).revision, i));
-    [first, second].into_iter().filter(|w| !w.is_empty()).collect()
+    [first, second]
+        .into_iter()
+        .filter(|w| !w.is_empty())
+        .collect()
 }
 
 fn change(i: u32, from_ready: bool, to_ready: bool, revision: i64) -> StatusChange {

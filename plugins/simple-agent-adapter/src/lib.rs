@@ -162,7 +162,12 @@ fn event(node: &str, event: TunnelEvent) -> BaseEvent {
     }
 }
 
-fn decode(cfg: &Config, topic: &str, payload: &[u8], now_ms: i64) -> Result<Vec<BaseEvent>, DecodeError> {
+fn decode(
+    cfg: &Config,
+    topic: &str,
+    payload: &[u8],
+    now_ms: i64,
+) -> Result<Vec<BaseEvent>, DecodeError> {
     let rest = topic
         .strip_prefix(cfg.prefix.as_str())
         .and_then(|r| r.strip_prefix('/'))
@@ -293,19 +298,32 @@ impl Metadata for SimpleAgent {
         let cfg = Config::default();
         let status = br#"{"node":"n1","ip":"10.0.0.1","app":"base","version":"1.0","ts":1000,
             "modules":[{"name":"m","version":"1","state":"activated"}]}"#;
-        let evs = decode(&cfg, "simple-agent/n1/status", status, 1500).map_err(|e| format!("{e:?}"))?;
+        let evs =
+            decode(&cfg, "simple-agent/n1/status", status, 1500).map_err(|e| format!("{e:?}"))?;
         match evs.as_slice() {
             [
-                BaseEvent { event: TunnelEvent::Heartbeat(hb), .. },
-                BaseEvent { event: TunnelEvent::ModuleList(ms), .. },
+                BaseEvent {
+                    event: TunnelEvent::Heartbeat(hb),
+                    ..
+                },
+                BaseEvent {
+                    event: TunnelEvent::ModuleList(ms),
+                    ..
+                },
             ] if hb.local_ip == "10.0.0.1" && ms.len() == 1 && ms[0].state == "ACTIVATED" => {}
             other => return Err(format!("status decoded to {other:?}")),
         }
-        if !matches!(decode(&cfg, "simple-agent/n1/status", status, 100_000), Err(DecodeError::Stale(_))) {
+        if !matches!(
+            decode(&cfg, "simple-agent/n1/status", status, 100_000),
+            Err(DecodeError::Stale(_))
+        ) {
             return Err("old status must be stale".into());
         }
         let out = encode(&cfg, "n1", &Command::QueryAllModules)?;
-        if out.len() != 1 || out[0].topic != "simple-agent/n1/cmd" || out[0].payload != br#"{"op":"list"}"# {
+        if out.len() != 1
+            || out[0].topic != "simple-agent/n1/cmd"
+            || out[0].payload != br#"{"op":"list"}"#
+        {
             return Err(format!("list command encoded to {out:?}"));
         }
         Ok(())

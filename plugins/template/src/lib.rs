@@ -16,7 +16,10 @@ impl Metadata for Template {
     fn init(config: String) -> Result<(), String> {
         // Validate the manifest's config here: an error refuses this version of the plugin
         // and the previous one (or the built-in default) keeps serving.
-        host::log(LogLevel::Debug, &format!("init with {} bytes of config", config.len()));
+        host::log(
+            LogLevel::Debug,
+            &format!("init with {} bytes of config", config.len()),
+        );
         Ok(())
     }
 

@@ -13,7 +13,9 @@ wit_bindgen::generate!({
     default_bindings_module: "batch_sdk",
 });
 
-pub use exports::koupleless::plugin::batch::{Decision, Guest as Batch, PendingInstall, RolloutView};
+pub use exports::koupleless::plugin::batch::{
+    Decision, Guest as Batch, PendingInstall, RolloutView,
+};
 pub use exports::koupleless::plugin::metadata::Guest as Metadata;
 pub use koupleless::plugin::host;
 pub use koupleless::plugin::rollout_context;

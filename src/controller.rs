@@ -194,6 +194,14 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         lossless: settings.lossless,
         retention_timeout: settings.retention_timeout,
     });
+    if settings.replicas_sync {
+        info!("peer deployments follow their Ready bases (ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE)");
+        tokio::spawn(crate::rollout::peer::run(
+            deps.client.clone(),
+            settings.env.clone(),
+            cancel.child_token(),
+        ));
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
     let core = Core {

@@ -185,7 +185,7 @@ mod tests {
         fn decide(
             &self,
             v: &RolloutView,
-            p: &[PendingInstall],
+            _p: &[PendingInstall],
         ) -> Result<BatchDecision, BatchError> {
             if v.updated_installing > 0 {
                 return Ok(BatchDecision {

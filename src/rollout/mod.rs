@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod gate;
 pub mod ordering;
+pub mod peer;
 pub mod plugin_policies;
 
 use std::collections::BTreeMap;

@@ -65,6 +65,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             for p in host.status() {
                 info!(plugin = %p.name, kind = ?p.kind, version = %p.version, "plugin loaded");
             }
+            // Faults raised before anyone subscribed only show here.
+            for f in host.load_errors() {
+                tracing::warn!(plugin = %f.plugin, reason = %f.reason, "plugin not loaded: {}", f.message);
+            }
             controller::report_plugin_faults(client.clone(), &settings.client_id, host.faults());
             let codecs = host.codecs();
             (Arc::new(PluginPolicies(host)), codecs)

@@ -16,13 +16,23 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(60);
 
 fn plural(kind: &str) -> String {
-    match kind {
-        "ClusterRoleBinding" | "RoleBinding" | "ClusterRole" | "Role" | "ServiceAccount"
-        | "Deployment" | "Namespace" | "Service" | "ConfigMap" => {
-            format!("{}s", kind.to_ascii_lowercase())
-        }
-        other => panic!("deploy/ has a kind this test does not know: {other}"),
-    }
+    const KNOWN: [&str; 10] = [
+        "ClusterRoleBinding",
+        "RoleBinding",
+        "ClusterRole",
+        "Role",
+        "ServiceAccount",
+        "Deployment",
+        "DaemonSet",
+        "Namespace",
+        "Service",
+        "ConfigMap",
+    ];
+    assert!(
+        KNOWN.contains(&kind),
+        "a manifest has a kind this test does not know: {kind}"
+    );
+    format!("{}s", kind.to_ascii_lowercase())
 }
 
 async fn apply_manifest(client: &kube::Client, path: &str) -> usize {
@@ -81,7 +91,9 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
     cfg.auth_info.token = Some(token.into());
     let sa_client = kube::Client::try_from(cfg).expect("client");
 
-    env.start_controller_as(env.settings(), sa_client).await;
+    let mut settings = env.settings();
+    settings.replicas_sync = true;
+    env.start_controller_as(settings, sa_client).await;
     let good = env.mqtt_base("g1").await;
     let bad = env.mqtt_base("g2").await;
     bad.fail_installs("rbacbiz", "InstallBizFailed", "denied by test");
@@ -119,6 +131,21 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
         || async { (!pod_events(&env.client, &env.ns, &failing).await.is_empty()).then_some(()) },
     )
     .await;
+    // Peer sync rescales with the ServiceAccount's rights (deployments/scale).
+    let mut peer = env.module_deployment("peerbiz", "peerbiz", "1.0.0", 1);
+    peer.metadata.labels = Some(
+        [(
+            "virtual-kubelet.koupleless.io/strategy".to_string(),
+            "peer".to_string(),
+        )]
+        .into(),
+    );
+    env.apply_deployment(&peer).await;
+    eventually(T, "peer Deployment scaled to the 2 Ready bases", || async {
+        let d = env.deployments().get("peerbiz").await.expect("get");
+        (d.spec.and_then(|s| s.replicas) == Some(2)).then_some(())
+    })
+    .await;
     // Scale to zero: uninstall, then pods removed (pods delete).
     env.scale("rbacbiz", 0).await;
     eventually(T, "pods removed", || async {
@@ -142,4 +169,50 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
     })
     .await;
     env.stop_controller().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_is_valid_for_a_real_apiserver() {
+    let env = TestEnv::new("examples").await;
+    let mut checked = 0;
+    let mut entries: Vec<_> = std::fs::read_dir("examples")
+        .expect("examples/")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+    {
+        let text = std::fs::read_to_string(&path).expect("read");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if value.is_null() {
+                continue;
+            }
+            let mut obj: DynamicObject =
+                serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // Validate in this test's namespace, server-side, without creating anything.
+            obj.metadata.namespace = Some(env.ns.clone());
+            let types = obj.types.clone().expect("apiVersion and kind");
+            let (group, version) = types
+                .api_version
+                .rsplit_once('/')
+                .unwrap_or(("", &types.api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+            let ar = ApiResource::from_gvk_with_plural(&gvk, &plural(&types.kind));
+            let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &ar);
+            let name = obj.metadata.name.clone().expect("name");
+            let pp = PatchParams::apply("e2e-examples").force().dry_run();
+            api.patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("{}: {} {name} rejected: {e}", path.display(), types.kind)
+                });
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "examples checked: {checked}");
 }

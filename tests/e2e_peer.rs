@@ -134,6 +134,26 @@ async fn peer_deployment_replicas_follow_the_ready_bases() {
     env.apply_deployment(&d).await;
     env.apply_deployment(&env.module_deployment("solobiz", "solobiz", "1.0.0", 1))
         .await;
+    // A peer Deployment of another env (it tolerates that env's taint): not this sync's to size.
+    let mut foreign = env.module_deployment("foreignbiz", "foreignbiz", "1.0.0", 1);
+    foreign
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(peer::STRATEGY_LABEL.into(), peer::PEER_STRATEGY.into());
+    for t in foreign
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .and_then(|s| s.tolerations.as_mut())
+        .into_iter()
+        .flatten()
+    {
+        if t.key.as_deref() == Some("schedule.koupleless.io/node-env") {
+            t.value = Some(format!("{}-elsewhere", env.env));
+        }
+    }
+    env.apply_deployment(&foreign).await;
 
     // Two Ready bases: two replicas, one per base.
     wait_replicas(&env, "peerbiz", 2).await;
@@ -193,10 +213,16 @@ async fn peer_deployment_replicas_follow_the_ready_bases() {
     );
     assert!(peer::outcome_total("rescaled") >= rescaled0 + 3);
 
-    // The plain Deployment was never touched.
-    let solo = env.deployments().get("solobiz").await.expect("get solobiz");
-    assert_eq!(solo.spec.as_ref().and_then(|s| s.replicas), Some(1));
-    assert_eq!(solo.metadata.generation, Some(1), "no write to its spec");
+    // The plain Deployment and the other env's peer Deployment were never touched.
+    for name in ["solobiz", "foreignbiz"] {
+        let d = env.deployments().get(name).await.expect("get deployment");
+        assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(1), "{name}");
+        assert_eq!(
+            d.metadata.generation,
+            Some(1),
+            "no write to the spec of {name}"
+        );
+    }
     env.wait_ready_pods("solobiz", 1, T).await;
 
     sync.stop().await;

@@ -265,3 +265,52 @@ async fn rollback_mid_rollout_restores_the_old_version_without_emptying_a_base()
     }
     env.stop_controller().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_restart_with_the_same_version_keeps_every_base_serving() {
+    let mut env = TestEnv::new("roll-restart").await;
+    let bases = start(&mut env, true, 4).await;
+    env.apply_deployment(&rolling_deployment(&env, "1.0.0", 4, "1", "1"))
+        .await;
+    wait_all_on(&env, "1.0.0", 4).await;
+    wait_bases_only(&bases, "1.0.0").await;
+    let old: std::collections::BTreeSet<String> = env
+        .app_pods("roll")
+        .await
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    // `kubectl rollout restart`: a template annotation changes, the module version does not.
+    let mut d = rolling_deployment(&env, "1.0.0", 4, "1", "1");
+    if let Some(t) = d.spec.as_mut().map(|s| &mut s.template.metadata) {
+        t.get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                "kubectl.kubernetes.io/restartedAt".into(),
+                "2026-11-22T00:00:00Z".into(),
+            );
+    }
+    env.apply_deployment(&d).await;
+    eventually(T, "every pod replaced", || async {
+        let pods = env.app_pods("roll").await;
+        let ok = pods.len() == 4
+            && pods.iter().all(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && is_ready(p.status.as_ref())
+                    && !old.contains(p.metadata.name.as_deref().unwrap_or(""))
+            });
+        ok.then_some(())
+    })
+    .await;
+    wait_bases_only(&bases, "1.0.0").await;
+    for b in &bases {
+        assert!(
+            empty_instants(b).is_empty(),
+            "base {} ran no instance of {MODULE} at {:?}",
+            b.identity(),
+            empty_instants(b)
+        );
+    }
+    env.stop_controller().await;
+}

@@ -497,6 +497,10 @@ fn controller_manager_args(
             "--pod-eviction-timeout={}",
             go_duration(opts.pod_eviction_timeout)
         ),
+        // Tests of unrelated environments share this control plane (one unlabelled "zone"), so
+        // stale VNodes of finished tests must not put the zone into partial disruption, which
+        // stops evictions in clusters under 50 nodes.
+        "--unhealthy-zone-threshold=1".into(),
         "--kube-api-qps=200".into(),
         "--kube-api-burst=400".into(),
         "--profiling=false".into(),

@@ -317,6 +317,39 @@ impl TestEnv {
     }
 }
 
+impl Drop for TestEnv {
+    /// Removes this test's VNodes (also when it panicked), so stale NotReady nodes do not pile up
+    /// in the shared control plane.
+    fn drop(&mut self) {
+        let cp = self.cp;
+        let env = self.env.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(client) = cp.client().await else {
+                    return;
+                };
+                let nodes: Api<Node> = Api::all(client);
+                let lp = ListParams::default()
+                    .labels(&format!("virtual-kubelet.koupleless.io/env={env}"));
+                if let Ok(list) = nodes.list(&lp).await {
+                    for n in list.items {
+                        if let Some(name) = n.metadata.name {
+                            let _ = nodes.delete(&name, &Default::default()).await;
+                        }
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 /// Events in `ns` about `pod` (events.k8s.io/v1 `regarding`).
 pub async fn pod_events(client: &kube::Client, ns: &str, pod: &str) -> Vec<(String, String)> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);

@@ -299,10 +299,13 @@ fn summarize(d: &Deployment) -> Option<DeploySummary> {
     let st = d.status.clone().unwrap_or_default();
     let generation = d.metadata.generation.unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
-    // Mid-rollout from the moment the template changes until only updated pods remain.
+    // Mid-rollout from the moment the template changes until only updated pods remain and all
+    // are available. (Terminating old pods are not in `status.replicas`, and `updatedReplicas`
+    // counts new pods before they are Ready: neither alone says the hand-over is complete.)
     let in_rollout = st.observed_generation.unwrap_or(0) < generation
         || updated < replicas
-        || st.replicas.unwrap_or(0) > updated;
+        || st.replicas.unwrap_or(0) > updated
+        || st.available_replicas.unwrap_or(0) < replicas;
     Some(DeploySummary {
         annotations: d.metadata.annotations.clone().unwrap_or_default(),
         replicas,

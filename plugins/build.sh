@@ -4,8 +4,9 @@
 #
 # Idempotent and quick when nothing changed (cargo's own freshness check; files in dist/ are
 # only replaced when their content changed, so watchers and mtimes stay quiet).
-# Env: PLUGINS_DIST=/dir to copy elsewhere; CARGO_TARGET_DIR is ignored on purpose so the
-# output path is stable (plugins/target).
+# Env: PLUGINS_DIST=/dir to copy elsewhere; MC_PLUGINS_TARGET_DIR=/dir for the guests' build
+# cache (default ~/.cache/module-controller/plugins-target, outside the repo so a fresh clone
+# reuses it). CARGO_TARGET_DIR is ignored on purpose: it is the host build's.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,11 +21,12 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 
 cd "$here"
+target_dir="${MC_PLUGINS_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/module-controller/plugins-target}"
 unset CARGO_TARGET_DIR
-cargo build --release --quiet --target wasm32-wasip2
+cargo build --release --quiet --target wasm32-wasip2 --target-dir "$target_dir"
 
 mkdir -p "$dist"
-out="$here/target/wasm32-wasip2/release"
+out="$target_dir/wasm32-wasip2/release"
 count=0
 for wasm in "$out"/*.wasm; do
   name="$(basename "$wasm" .wasm)"

@@ -75,11 +75,14 @@ mod tests {
 
     #[test]
     fn detects_a_listener() {
-        let port = free_port().expect("free port");
-        assert!(!is_listening(port).expect("proc readable"));
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind");
+        // Only ports this test holds: another test may be handed any port released here.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
         assert!(is_listening(port).expect("proc readable"));
-        drop(listener);
-        assert!(!is_listening(port).expect("proc readable"));
+        // A connected client's local port is held by this test but not listening.
+        let client = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
+        let client_port = client.local_addr().expect("addr").port();
+        assert!(!is_listening(client_port).expect("proc readable"));
+        assert!(!is_listening(0).expect("proc readable"));
     }
 }

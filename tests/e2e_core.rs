@@ -58,10 +58,7 @@ async fn base_lifecycle_drives_vnode_readiness_lease_and_removal() {
     let base = env.mqtt_base("b1").await;
 
     // Online → Ready VNode of the reference shape, with a Lease.
-    eventually(T, "VNode Ready", || async {
-        (env.node_ready("b1").await.as_deref() == Some("True")).then_some(())
-    })
-    .await;
+    env.wait_node_ready("b1", T).await;
     let node = env.nodes().get(&env.node_name("b1")).await.expect("node");
     let labels = node.metadata.labels.clone().expect("labels");
     assert_eq!(labels["base.koupleless.io/name"], env.base_name);
@@ -114,10 +111,7 @@ async fn base_lifecycle_drives_vnode_readiness_lease_and_removal() {
 
     // Back → Ready again.
     base.resume();
-    eventually(T, "VNode Ready again", || async {
-        (env.node_ready("b1").await.as_deref() == Some("True")).then_some(())
-    })
-    .await;
+    env.wait_node_ready("b1", T).await;
 
     // Graceful shutdown → VNode gone.
     base.shutdown_graceful().await;
@@ -140,10 +134,7 @@ async fn deployment_installs_modules_and_scale_down_uninstalls_them() {
     let b1 = env.mqtt_base("m1").await;
     let b2 = env.mqtt_base("m2").await;
     for id in ["m1", "m2"] {
-        eventually(T, "VNode Ready", || async {
-            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
+        env.wait_node_ready(id, T).await;
     }
     env.apply_deployment(&env.module_deployment("biz1", "biz1", "0.0.1", 2))
         .await;
@@ -211,10 +202,7 @@ async fn install_failures_and_invalid_specs_are_visible_on_the_pod() {
     env.start_controller().await;
     let base = env.mqtt_base("f1").await;
     base.fail_installs("badbiz", "InstallBizFailed", "jar not found at URL");
-    eventually(T, "VNode Ready", || async {
-        (env.node_ready("f1").await.as_deref() == Some("True")).then_some(())
-    })
-    .await;
+    env.wait_node_ready("f1", T).await;
     env.apply_deployment(&env.module_deployment("badbiz", "badbiz", "1.0.0", 1))
         .await;
     let (pod, reason, message) = eventually(T, "failure reason on the container", || async {
@@ -360,10 +348,7 @@ async fn broker_restart_loses_and_duplicates_nothing() {
     env.broker.restart().await.expect("broker restarts");
     // After the outage: both VNodes Ready again and a scale-up reaches the bases.
     for id in ["k1", "k2"] {
-        eventually(T, "VNode Ready after broker restart", || async {
-            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
+        env.wait_node_ready(id, T).await;
     }
     env.scale("biz", 2).await;
     let pods = env.wait_ready_pods("biz", 2, T).await;
@@ -392,10 +377,7 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
     let mut env = TestEnv::new("flood").await;
     env.start_controller().await;
     let _b = env.mqtt_base("x1").await;
-    eventually(T, "VNode Ready", || async {
-        (env.node_ready("x1").await.as_deref() == Some("True")).then_some(())
-    })
-    .await;
+    env.wait_node_ready("x1", T).await;
     let malformed0 = received_count("malformed");
     let stale0 = received_count("stale");
     let unknown0 = received_count("unknown_base");
@@ -512,10 +494,7 @@ async fn pods_move_off_silent_and_drained_bases() {
         env.mqtt_base("v3").await,
     ];
     for id in ["v1", "v2", "v3"] {
-        eventually(T, "VNode Ready", || async {
-            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
+        env.wait_node_ready(id, T).await;
     }
     let mut d = env.module_deployment("mover", "mover", "1.0.0", 1);
     fast_eviction(&mut d);
@@ -576,10 +555,7 @@ async fn vnode_of_a_base_that_never_returns_is_deleted_after_the_ttl() {
     env.vnode_ttl = Duration::from_secs(8);
     env.start_controller().await;
     let b = env.mqtt_base("t1").await;
-    eventually(T, "VNode Ready", || async {
-        (env.node_ready("t1").await.as_deref() == Some("True")).then_some(())
-    })
-    .await;
+    env.wait_node_ready("t1", T).await;
     b.go_silent();
     eventually(T, "VNode NotReady", || async {
         (env.node_ready("t1").await.as_deref() == Some("False")).then_some(())
@@ -628,10 +604,7 @@ async fn http_tunnel_bases_get_vnodes_and_modules() {
     )
     .await
     .expect("http base");
-    eventually(T, "VNode Ready", || async {
-        (env.node_ready("h1").await.as_deref() == Some("True")).then_some(())
-    })
-    .await;
+    env.wait_node_ready("h1", T).await;
     let node = env.nodes().get(&env.node_name("h1")).await.expect("node");
     assert_eq!(
         node.metadata.labels.expect("labels")["vnode.koupleless.io/tunnel"],

@@ -98,10 +98,7 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
     let bad = env.mqtt_base("g2").await;
     bad.fail_installs("rbacbiz", "InstallBizFailed", "denied by test");
     for id in ["g1", "g2"] {
-        eventually(T, "VNode Ready (nodes, nodes/status, leases)", || async {
-            (env.node_ready(id).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
+        env.wait_node_ready(id, T).await;
     }
     env.apply_deployment(&env.module_deployment("rbacbiz", "rbacbiz", "1.0.0", 2))
         .await;

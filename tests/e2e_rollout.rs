@@ -98,10 +98,7 @@ async fn start(env: &mut TestEnv, lossless: bool, n: usize) -> Vec<SimBase> {
     }
     for i in 0..n {
         let id = format!("ru{i}");
-        eventually(T, "VNode Ready", || async {
-            (env.node_ready(&id).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
+        env.wait_node_ready(&id, T).await;
     }
     bases
 }

@@ -230,8 +230,7 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
             if is_active(&key) {
                 continue;
             }
-            if let Some(note) = i.held.get(uid) {
-                let _ = note;
+            if i.held.contains_key(uid) {
                 out.held_installs.push((uid.clone(), spec.clone()));
                 continue;
             }

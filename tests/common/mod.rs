@@ -302,6 +302,14 @@ impl TestEnv {
         .await
     }
 
+    /// Waits until the VNode of base `id` reports Ready=True.
+    pub async fn wait_node_ready(&self, id: &str, timeout: Duration) {
+        eventually(timeout, &format!("VNode of {id} Ready"), || async {
+            (self.node_ready(id).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
+    }
+
     /// Ready condition status of a node ("True"/"False"/"Unknown"), if it exists.
     pub async fn node_ready(&self, id: &str) -> Option<String> {
         let n = self

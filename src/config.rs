@@ -238,8 +238,6 @@ pub struct Settings {
     pub replicas_sync: bool,
     /// Longest hand-over retention of a module on a base during a rollout.
     pub retention_timeout: Duration,
-    /// Rollout protections on. Not configurable: `false` exists for tests that show the loss it prevents.
-    pub lossless: bool,
 }
 
 fn secs(variable: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -250,6 +248,55 @@ fn secs(variable: &'static str, v: f64) -> Result<Duration, ConfigError> {
         });
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+impl Settings {
+    /// The product defaults for env `env`, with no tunnel and no metrics endpoint: the one
+    /// starting point for local runs (quick start, tests, benchmarks), which then set what they
+    /// need (`with_mqtt`, `with_heartbeat`, fields).
+    pub fn local(env: &str) -> Settings {
+        let period = Duration::from_secs(10);
+        Settings {
+            env: env.to_ascii_lowercase(),
+            client_id: format!("local-{env}"),
+            mqtt: None,
+            http_port: None,
+            workers: 8,
+            heartbeat_period: period,
+            liveness_timeout: period * 3,
+            vnode_ttl: Duration::from_secs(600),
+            env_taint: true,
+            resync: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(15),
+            metrics_addr: None,
+            plugins_dir: None,
+            replicas_sync: false,
+            retention_timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// Enables the MQTT tunnel to a plain-TCP broker at `host:port` without credentials.
+    pub fn with_mqtt(mut self, host: &str, port: u16) -> Settings {
+        self.mqtt = Some(crate::tunnel::mqtt::MqttSettings {
+            host: host.to_string(),
+            port,
+            client_id: format!("koupleless@@@{}", self.client_id),
+            username: None,
+            password: None,
+            ca_path: None,
+            client_cert_path: None,
+            client_key_path: None,
+            keep_alive: Duration::from_secs(5),
+        });
+        self
+    }
+
+    /// Expects heartbeats every `period`; NotReady after `misses` missed ones.
+    pub fn with_heartbeat(mut self, period: Duration, misses: u32) -> Settings {
+        self.heartbeat_period = period;
+        self.liveness_timeout = period * misses.max(1);
+        self
+    }
 }
 
 impl RunArgs {
@@ -393,7 +440,6 @@ impl RunArgs {
             plugins_dir: self.plugins_dir.clone(),
             replicas_sync: self.enable_module_replicas_sync_with_base,
             retention_timeout: Duration::from_secs(self.module_handover_timeout_secs),
-            lossless: true,
         })
     }
 }

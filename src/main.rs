@@ -1,4 +1,4 @@
-//! `module-controller`: runs the controller (default), the local quick start, or plugin tools.
+//! `module-controller`: runs the controller (default) or the plugin author's tools.
 
 use std::sync::Arc;
 
@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use module_controller::config::RunArgs;
 use module_controller::controller::{self, ControllerDeps};
+use module_controller::metrics::Metrics;
 use module_controller::plugin::{PluginConfig, PluginHost};
 use module_controller::rollout::plugin_policies::PluginPolicies;
 use module_controller::rollout::{BuiltinPolicies, PolicySource};
@@ -29,8 +30,6 @@ struct Cli {
 enum Cmd {
     /// Run the controller (the default when no subcommand is given).
     Run(Box<RunArgs>),
-    /// Quick start: local control plane, embedded broker, controller and simulated bases.
-    Demo(module_controller::demo::DemoArgs),
     /// Plugin author tools: check a plugin, dry-run its decisions.
     #[command(subcommand)]
     Plugin(module_controller::plugin::cli::PluginCommand),
@@ -57,6 +56,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes access: in-cluster config and KUBECONFIG both failed")?;
     info!(env = %settings.env, client_id = %settings.client_id, "starting module controller");
+    let metrics = Metrics::new();
+    let mut faults = None;
     let (policies, codecs): (Arc<dyn PolicySource>, _) = match &settings.plugins_dir {
         Some(dir) => {
             let host = PluginHost::start(PluginConfig::new(dir.clone()))
@@ -69,7 +70,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             for f in host.load_errors() {
                 tracing::warn!(plugin = %f.plugin, reason = %f.reason, "plugin not loaded: {}", f.message);
             }
-            controller::report_plugin_faults(client.clone(), &settings.client_id, host.faults());
+            faults = Some(host.faults());
             let codecs = host.codecs();
             (Arc::new(PluginPolicies(host)), codecs)
         }
@@ -77,15 +78,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let handle = controller::start(
         settings.clone(),
-        ControllerDeps {
-            client,
-            policies,
-            codecs,
-        },
+        ControllerDeps::new(client, policies, codecs, metrics.clone()),
     )
     .await?;
+    if let Some(f) = faults {
+        controller::report_plugin_faults(handle.api.clone(), f);
+    }
     if let Some(addr) = settings.metrics_addr {
-        let local = controller::serve_metrics(addr, handle.ready.clone()).await?;
+        let local = module_controller::server::serve(addr, metrics, handle.health.clone()).await?;
         info!(%local, "metrics and health endpoint listening");
     }
     let cancel = handle.cancel_token();
@@ -137,7 +137,6 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Some(Cmd::Run(args)) => run(*args).await,
-            Some(Cmd::Demo(args)) => module_controller::demo::run(args).await,
             Some(Cmd::Plugin(cmd)) => module_controller::plugin::cli::run(cmd),
             None => run(cli.run).await,
         }

@@ -12,8 +12,8 @@ use kube::api::{Patch, PatchParams};
 use module_controller::model::BaseCommand;
 use module_controller::plugin::{PluginConfig, PluginHost};
 use module_controller::rollout::plugin_policies::PluginPolicies;
-use module_controller::sim::SimBase;
 use serde_json::json;
+use testkit::sim::SimBase;
 
 const T: Duration = Duration::from_secs(120);
 const MODULE: &str = "canarybiz";

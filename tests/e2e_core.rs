@@ -15,10 +15,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher;
 use module_controller::model::{BaseCommand, ModuleKey};
-use module_controller::sim::SimBase;
-use module_controller::tunnel::mqtt::received_count;
 use module_controller::vpod::status::is_ready;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
+use testkit::sim::SimBase;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -378,6 +377,8 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
     env.start_controller().await;
     let _b = env.mqtt_base("x1").await;
     env.wait_node_ready("x1", T).await;
+    let mqtt = env.metrics().mqtt.clone();
+    let received_count = |r: &str| mqtt.received(r);
     let malformed0 = received_count("malformed");
     let stale0 = received_count("stale");
     let unknown0 = received_count("unknown_base");
@@ -590,14 +591,14 @@ async fn vnode_of_a_base_that_never_returns_is_deleted_after_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_tunnel_bases_get_vnodes_and_modules() {
     let mut env = TestEnv::new("http").await;
-    let port = module_controller::localenv::ports::free_port().expect("port");
+    let port = testkit::localenv::ports::free_port().expect("port");
     let mut s = env.settings();
     s.mqtt = None;
     s.http_port = Some(port);
     env.start_controller_with(s).await;
-    let base = module_controller::sim::SimBase::start(
+    let base = testkit::sim::SimBase::start(
         env.base_config("h1"),
-        module_controller::sim::SimTransport::Http {
+        testkit::sim::SimTransport::Http {
             controller_url: format!("http://127.0.0.1:{port}"),
             listen_port: 0,
         },

@@ -13,10 +13,13 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use module_controller::apiserver::Api as Writer;
+use module_controller::apiserver::watch::WatchHealth;
+use module_controller::metrics::Metrics;
 use module_controller::model::{BaseCommand, ModuleKey};
-use module_controller::rollout::peer;
-use module_controller::sim::SimBase;
+use module_controller::peer;
 use serde_json::json;
+use testkit::sim::SimBase;
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(90);
@@ -82,19 +85,25 @@ fn nodes_of(pods: &[Pod]) -> BTreeSet<String> {
 struct PeerSync {
     cancel: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl PeerSync {
     fn start(env: &TestEnv) -> PeerSync {
         let cancel = CancellationToken::new();
+        let metrics = Metrics::new();
+        let api = Writer::new(env.client.clone(), 4, "peer-test", metrics.api.clone());
         let task = tokio::spawn(peer::run(
-            env.client.clone(),
+            api,
             env.env.clone(),
+            metrics.peer.clone(),
+            (WatchHealth::default(), metrics.watches.clone()),
             cancel.clone(),
         ));
         PeerSync {
             cancel,
             task: Some(task),
+            metrics,
         }
     }
 
@@ -121,7 +130,7 @@ async fn peer_deployment_replicas_follow_the_ready_bases() {
     let mut env = TestEnv::new("peer").await;
     env.start_controller().await;
     let sync = PeerSync::start(&env);
-    let rescaled0 = peer::outcome_total("rescaled");
+    let rescaled0 = sync.metrics.peer.total("rescaled");
     let b1 = env.mqtt_base("p1").await;
     let b2 = env.mqtt_base("p2").await;
     wait_vnodes_ready(&env, &["p1", "p2"]).await;
@@ -211,7 +220,7 @@ async fn peer_deployment_replicas_follow_the_ready_bases() {
         down.note.as_deref().unwrap_or_default().contains("3 -> 2"),
         "{down:?}"
     );
-    assert!(peer::outcome_total("rescaled") >= rescaled0 + 3);
+    assert!(sync.metrics.peer.total("rescaled") >= rescaled0 + 3);
 
     // The plain Deployment and the other env's peer Deployment were never touched.
     for name in ["solobiz", "foreignbiz"] {

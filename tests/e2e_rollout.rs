@@ -10,9 +10,9 @@ use common::{TestEnv, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
 use module_controller::model::ModuleKey;
-use module_controller::sim::SimBase;
 use module_controller::vpod::status::is_ready;
 use serde_json::json;
+use testkit::sim::SimBase;
 
 const T: Duration = Duration::from_secs(120);
 const MODULE: &str = "rollbiz";
@@ -86,9 +86,8 @@ fn empty_instants(base: &SimBase) -> Vec<i64> {
 }
 
 async fn start(env: &mut TestEnv, lossless: bool, n: usize) -> Vec<SimBase> {
-    let mut s = env.settings();
-    s.lossless = lossless;
-    env.start_controller_with(s).await;
+    env.unsafe_order = !lossless;
+    env.start_controller().await;
     let mut bases = Vec::new();
     for i in 0..n {
         let b = env.mqtt_base(&format!("ru{i}")).await;

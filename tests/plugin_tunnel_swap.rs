@@ -8,15 +8,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use module_controller::localenv::broker::Mosquitto;
 use module_controller::model::{BaseCommand, BaseEvent, ModuleSpec, TunnelEvent};
 use module_controller::plugin::{PluginHost, reasons};
-use module_controller::tunnel::Tunnel;
 use module_controller::tunnel::arklet_codec::ArkletCodec;
 use module_controller::tunnel::mqtt::{MqttSettings, MqttTunnel};
+use module_controller::tunnel::{Tunnel, TunnelMetrics};
 use plugin_support::agent::SimpleAgent;
 use plugin_support::{PluginDir, drain, plugin_bytes, with_custom_section};
 use serde_json::json;
+use testkit::localenv::broker::Mosquitto;
 use tokio::sync::mpsc;
 
 const BASES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -30,15 +30,6 @@ struct Seen {
     last: HashMap<String, Instant>,
     max_gap: HashMap<String, Duration>,
     installs_ok: HashMap<String, Vec<String>>,
-}
-
-fn reconnects() -> u64 {
-    module_controller::metrics::render()
-        .lines()
-        .find(|l| l.starts_with("module_controller_mqtt_reconnects_total "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,12 +59,14 @@ async fn adapter_swap_keeps_bases_and_commands() {
         client_key_path: None,
         keep_alive: Duration::from_secs(5),
     };
+    let mqtt_metrics = TunnelMetrics::default();
     let tunnel = Arc::new(
         MqttTunnel::start(
             &settings,
             Arc::new(ArkletCodec::new("test")),
             host.codecs(),
             tx,
+            mqtt_metrics.clone(),
         )
         .expect("tunnel starts"),
     );
@@ -125,12 +118,12 @@ async fn adapter_swap_keeps_bases_and_commands() {
         .expect("every base seen through the adapter");
     for b in BASES {
         assert_eq!(
-            tunnel.codec_name_for(b),
+            tunnel.label_for(b),
             "simple",
             "{b} is spoken to through the adapter"
         );
     }
-    let reconnects_before = reconnects();
+    let reconnects_before = mqtt_metrics.reconnects.get();
 
     // Commands flow continuously while the adapter is swapped.
     let sent: Arc<Mutex<BTreeMap<String, Vec<String>>>> = Arc::default();
@@ -252,7 +245,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
         }
     }
     assert_eq!(
-        reconnects(),
+        mqtt_metrics.reconnects.get(),
         reconnects_before,
         "the broker connection must not drop"
     );

@@ -13,13 +13,13 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use module_controller::localenv::broker::{EmbeddedBroker, Mosquitto};
-use module_controller::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
-use module_controller::localenv::ports::free_port;
-use module_controller::localenv::process::pid_exists;
 use module_controller::protocol::arklet::{Envelope, WireHeartbeat};
-use module_controller::sim::{SimBase, SimBaseConfig, SimTransport};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use testkit::localenv::broker::{EmbeddedBroker, Mosquitto};
+use testkit::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
+use testkit::localenv::ports::free_port;
+use testkit::localenv::process::pid_exists;
+use testkit::sim::{SimBase, SimBaseConfig, SimTransport};
 
 const VNODE_TAINT_KEY: &str = "schedule.koupleless.io/virtual-node";
 

@@ -77,7 +77,7 @@ pub struct Retention {
 }
 
 /// Everything the planner looks at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PlanInput<'a> {
     /// Pods bound to the VNode, by uid.
     pub pods: &'a BTreeMap<String, PodInfo>,
@@ -98,7 +98,7 @@ pub struct PlanInput<'a> {
     /// Now.
     pub now: Instant,
     /// Now, for timestamps in statuses.
-    pub now_time: &'a Time,
+    pub now_time: Time,
     /// How long to wait for an outcome before re-sending (doubles per attempt).
     pub command_timeout: Duration,
     /// Owners with a rollout in progress (more than one template revision among live pods).
@@ -316,7 +316,7 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
                         .contains_key(&(OperationKind::Install, k.clone()))
                     || i.failures.contains_key(&k)
             });
-            let mut st = status::compute(&views, i.base_ip, attempted, i.now_time);
+            let mut st = status::compute(&views, i.base_ip, attempted, &i.now_time);
             if status::differs(p.status.as_ref(), &st) {
                 status::carry_times(p.status.as_ref(), &mut st);
                 out.statuses.push((p.uid.clone(), st));
@@ -393,7 +393,7 @@ pub fn next_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kube_util::time_from_ms;
+    use crate::time::time_from_ms;
     use crate::vpod::status::is_ready;
 
     fn spec(v: &str) -> ModuleSpec {
@@ -475,7 +475,7 @@ mod tests {
                 alive,
                 base_ip: "10.0.0.1",
                 now: self.now,
-                now_time: &self.t,
+                now_time: self.t.clone(),
                 command_timeout: Duration::from_secs(10),
                 rollouts: &self.rollouts,
                 retained: &self.retained,

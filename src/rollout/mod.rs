@@ -1,10 +1,10 @@
 //! Rollout decisions: in which order status changes on one base are written, and which
 //! installs of a rollout may proceed. Pure logic with built-in defaults; plugins refine them.
+//! (Peer replica sync is not a rollout decision: see [`crate::peer`].)
 
 pub mod batch;
 pub mod gate;
 pub mod ordering;
-pub mod peer;
 pub mod plugin_policies;
 
 use std::collections::BTreeMap;

@@ -23,8 +23,7 @@ use crate::protocol::arklet::{
     WireBaseMetadata, WireHealthData, WireHeartbeat, WireInstallBiz, WireOperationData,
     WireResponse, WireSimpleBiz, WireUninstallBiz, operation_result,
 };
-use crate::tunnel::mqtt::count_received;
-use crate::tunnel::{Tunnel, TunnelError};
+use crate::tunnel::{Tunnel, TunnelError, TunnelMetrics};
 
 /// Default Arklet HTTP port of a base that does not say.
 pub const DEFAULT_ARKLET_PORT: u16 = 1238;
@@ -40,6 +39,7 @@ struct Inner {
     endpoints: Mutex<HashMap<String, String>>,
     http: reqwest::Client,
     baseline: Arc<dyn BaselineProvider>,
+    metrics: TunnelMetrics,
 }
 
 /// The HTTP tunnel handle.
@@ -56,6 +56,7 @@ impl HttpTunnel {
         events: mpsc::Sender<BaseEvent>,
         baseline: Arc<dyn BaselineProvider>,
         call_timeout: Duration,
+        metrics: TunnelMetrics,
     ) -> Result<HttpTunnel, TunnelError> {
         let http = reqwest::Client::builder()
             .timeout(call_timeout)
@@ -66,6 +67,7 @@ impl HttpTunnel {
             endpoints: Mutex::new(HashMap::new()),
             http,
             baseline,
+            metrics,
         });
         let app = Router::new()
             .route("/heartbeat", post(heartbeat))
@@ -105,22 +107,22 @@ impl Drop for HttpTunnel {
     }
 }
 
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+fn parse_body<T: DeserializeOwned>(inner: &Inner, body: &[u8]) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
-        count_received("malformed");
+        inner.metrics.count_received("malformed");
         Box::new((StatusCode::BAD_REQUEST, format!("bad JSON: {e}")).into_response())
     })
 }
 
 async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
-    let hb: WireHeartbeat = match parse_body(&body) {
+    let hb: WireHeartbeat = match parse_body(&inner, &body) {
         Ok(h) => h,
         Err(r) => return *r,
     };
     let hb = hb.to_model();
     let id = hb.metadata.identity.clone();
     if id.is_empty() {
-        count_received("malformed");
+        inner.metrics.count_received("malformed");
         return (StatusCode::BAD_REQUEST, "baseMetadata.identity is required").into_response();
     }
     let port = hb.port.unwrap_or(DEFAULT_ARKLET_PORT);
@@ -129,7 +131,7 @@ async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> 
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id.clone(), format!("http://{}:{}", hb.local_ip, port));
-    count_received("ok");
+    inner.metrics.count_received("ok");
     if inner
         .events
         .send(BaseEvent {
@@ -145,12 +147,12 @@ async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> 
 }
 
 async fn query_baseline(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
-    let md: WireBaseMetadata = match parse_body(&body) {
+    let md: WireBaseMetadata = match parse_body(&inner, &body) {
         Ok(m) => m,
         Err(r) => return *r,
     };
     let md: BaseMetadata = (&md).into();
-    count_received("ok");
+    inner.metrics.count_received("ok");
     let specs = inner.baseline.baseline(&md).await;
     let body: Vec<WireInstallBiz> = specs.iter().map(WireInstallBiz::from).collect();
     axum::Json(body).into_response()
@@ -300,6 +302,18 @@ impl Tunnel for HttpTunnel {
         "http"
     }
 
+    fn forget(&self, base_id: &str) {
+        self.inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(base_id);
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.cancel.cancel() })
+    }
+
     fn send<'a>(
         &'a self,
         base_id: &'a str,
@@ -309,6 +323,7 @@ impl Tunnel for HttpTunnel {
             if self.inner.endpoint(base_id).is_none() {
                 return Err(TunnelError::UnknownBase(base_id.to_string()));
             }
+            self.inner.metrics.count_sent(cmd.kind());
             tokio::spawn(self.inner.clone().execute(base_id.to_string(), cmd.clone()));
             Ok(())
         })

@@ -3,14 +3,10 @@
 //! Subscriptions are restored on every reconnect and follow codec swaps without reconnecting.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::model::{BaseCommand, BaseEvent};
 use crate::protocol::arklet::now_ms;
 use crate::tunnel::codec::{CodecSet, MessageCodec};
-use crate::tunnel::{Tunnel, TunnelError};
+use crate::tunnel::{Tunnel, TunnelError, TunnelMetrics};
 
 /// Connection settings (from `MQTT_*` configuration).
 #[derive(Debug, Clone)]
@@ -44,71 +40,6 @@ pub struct MqttSettings {
     pub keep_alive: Duration,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: String,
-}
-
-struct MqttMetrics {
-    received: Family<ResultLabel, Counter>,
-    published: Family<ResultLabel, Counter>,
-    reconnects: Counter,
-    connected: Gauge,
-}
-
-fn metrics() -> &'static MqttMetrics {
-    static M: OnceLock<MqttMetrics> = OnceLock::new();
-    M.get_or_init(|| {
-        let m = MqttMetrics {
-            received: Family::default(),
-            published: Family::default(),
-            reconnects: Counter::default(),
-            connected: Gauge::default(),
-        };
-        crate::metrics::register(
-            "mqtt_messages_received",
-            "MQTT messages received, by outcome (ok or the drop reason)",
-            m.received.clone(),
-        );
-        crate::metrics::register(
-            "mqtt_commands_published",
-            "Commands published to bases, by outcome",
-            m.published.clone(),
-        );
-        crate::metrics::register(
-            "mqtt_reconnects",
-            "Broker connections lost and retried",
-            m.reconnects.clone(),
-        );
-        crate::metrics::register(
-            "mqtt_connected",
-            "1 while connected to the broker",
-            m.connected.clone(),
-        );
-        m
-    })
-}
-
-/// Counts a received message by outcome (`ok` or a drop reason).
-pub fn count_received(result: &str) {
-    metrics()
-        .received
-        .get_or_create(&ResultLabel {
-            result: result.to_string(),
-        })
-        .inc();
-}
-
-/// Current value of the received counter for `result` (for tests and the demo).
-pub fn received_count(result: &str) -> u64 {
-    metrics()
-        .received
-        .get_or_create(&ResultLabel {
-            result: result.to_string(),
-        })
-        .get()
-}
-
 struct Shared {
     client: AsyncClient,
     builtin: Arc<dyn MessageCodec>,
@@ -116,6 +47,7 @@ struct Shared {
     /// Which codec each base was first seen on; commands go back through it.
     base_codec: Mutex<HashMap<String, String>>,
     subscribed: Mutex<BTreeSet<String>>,
+    metrics: TunnelMetrics,
 }
 
 impl Shared {
@@ -173,13 +105,13 @@ impl Shared {
         let codecs = self.all_codecs();
         // Plugins first: an adapter may claim topics the built-in codec would reject.
         let Some(codec) = codecs.iter().rev().find(|c| c.handles(topic)) else {
-            count_received("unknown_topic");
+            self.metrics.count_received("unknown_topic");
             debug!(%topic, "message on a topic no codec handles");
             return;
         };
         match codec.decode(topic, payload, now_ms()) {
             Ok(evs) => {
-                count_received("ok");
+                self.metrics.count_received("ok");
                 for ev in evs {
                     self.base_codec
                         .lock()
@@ -187,13 +119,13 @@ impl Shared {
                         .entry(ev.base_id.clone())
                         .or_insert_with(|| codec.name().to_string());
                     if let Err(e) = events.try_send(ev) {
-                        count_received("queue_full");
+                        self.metrics.count_received("queue_full");
                         warn!(error = %e, "event queue full or closed; message dropped");
                     }
                 }
             }
             Err(e) => {
-                count_received(e.label());
+                self.metrics.count_received(e.label());
                 debug!(%topic, codec = codec.name(), error = %e, "message dropped");
             }
         }
@@ -214,6 +146,7 @@ impl MqttTunnel {
         builtin: Arc<dyn MessageCodec>,
         mut plugin_codecs: watch::Receiver<CodecSet>,
         events: mpsc::Sender<BaseEvent>,
+        metrics: TunnelMetrics,
     ) -> Result<MqttTunnel, TunnelError> {
         let opts = mqtt_options(settings)?;
         let (client, eventloop) = AsyncClient::new(opts, 1024);
@@ -224,6 +157,7 @@ impl MqttTunnel {
             plugins: Mutex::new(initial),
             base_codec: Mutex::new(HashMap::new()),
             subscribed: Mutex::new(BTreeSet::new()),
+            metrics,
         });
         let cancel = CancellationToken::new();
         tokio::spawn(run_eventloop(
@@ -253,12 +187,6 @@ impl MqttTunnel {
         Ok(MqttTunnel { shared, cancel })
     }
 
-    /// Stops the tunnel (disconnects from the broker).
-    pub async fn stop(&self) {
-        self.cancel.cancel();
-        let _ = self.shared.client.disconnect().await;
-    }
-
     fn codec_for(&self, base_id: &str) -> Arc<dyn MessageCodec> {
         let name = self
             .shared
@@ -270,11 +198,6 @@ impl MqttTunnel {
         let codecs = self.shared.all_codecs();
         name.and_then(|n| codecs.iter().find(|c| c.name() == n).cloned())
             .unwrap_or_else(|| self.shared.builtin.clone())
-    }
-
-    /// Name of the codec a base speaks (its VNode's tunnel label).
-    pub fn codec_name_for(&self, base_id: &str) -> String {
-        self.codec_for(base_id).name().to_string()
     }
 }
 
@@ -289,6 +212,26 @@ impl Tunnel for MqttTunnel {
         "mqtt"
     }
 
+    /// The codec a base speaks: `mqtt` (Arklet) or a tunnel adapter's name.
+    fn label_for(&self, base_id: &str) -> String {
+        self.codec_for(base_id).name().to_string()
+    }
+
+    fn forget(&self, base_id: &str) {
+        self.shared
+            .base_codec
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(base_id);
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.cancel.cancel();
+            let _ = self.shared.client.disconnect().await;
+        })
+    }
+
     fn send<'a>(
         &'a self,
         base_id: &'a str,
@@ -297,12 +240,7 @@ impl Tunnel for MqttTunnel {
         Box::pin(async move {
             let codec = self.codec_for(base_id);
             let msgs = codec.encode(base_id, cmd).map_err(|e| {
-                metrics()
-                    .published
-                    .get_or_create(&ResultLabel {
-                        result: "encode_failed".into(),
-                    })
-                    .inc();
+                self.shared.metrics.count_sent("encode_failed");
                 TunnelError::Encode(e.to_string())
             })?;
             for m in msgs {
@@ -312,12 +250,7 @@ impl Tunnel for MqttTunnel {
                     .publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload)
                     .await
                     .map_err(|e| TunnelError::Transport(e.to_string()))?;
-                metrics()
-                    .published
-                    .get_or_create(&ResultLabel {
-                        result: cmd.kind().to_string(),
-                    })
-                    .inc();
+                self.shared.metrics.count_sent(cmd.kind());
                 debug!(base = base_id, topic = %m.topic, "command published");
             }
             Ok(())
@@ -341,7 +274,7 @@ async fn run_eventloop(
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(200);
-                metrics().connected.set(1);
+                shared.metrics.connected.set(1);
                 info!(%broker, "connected to MQTT broker");
                 // Clean session: the broker forgot our subscriptions; restore them off this task
                 // so the event loop keeps draining while the requests are queued.
@@ -353,8 +286,8 @@ async fn run_eventloop(
             }
             Ok(_) => {}
             Err(e) => {
-                metrics().connected.set(0);
-                metrics().reconnects.inc();
+                shared.metrics.connected.set(0);
+                shared.metrics.reconnects.inc();
                 warn!(%broker, error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost");
                 tokio::select! {
                     _ = cancel.cancelled() => return,

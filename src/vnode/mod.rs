@@ -1,5 +1,4 @@
-//! Bases as Kubernetes Nodes: the node shape (pure), its Lease, and liveness.
+//! Bases as Kubernetes Nodes: the node shape and liveness. Pure.
 
-pub mod lease;
 pub mod liveness;
 pub mod shape;

@@ -8,6 +8,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+use sha2::Digest;
+
 use crate::model::{BaseHealth, BaseHeartbeat};
 
 /// Label marking VNodes.
@@ -24,13 +26,75 @@ pub const BASE_CLUSTER_LABEL: &str = "base.koupleless.io/cluster-name";
 pub const VIRTUAL_NODE_TAINT: &str = "schedule.koupleless.io/virtual-node";
 /// Env taint key.
 pub const NODE_ENV_TAINT: &str = "schedule.koupleless.io/node-env";
+/// Label naming the tunnel (or tunnel adapter) a VNode's base speaks.
+pub const TUNNEL_LABEL: &str = "vnode.koupleless.io/tunnel";
 
-/// Node name of a base: `vnode.<identity>.<env>`.
+/// Annotation of a VNode holding its base's identity exactly as the base spells it.
+pub const IDENTITY_ANNOTATION: &str = "base.koupleless.io/identity";
+
+/// Longest node name the apiserver accepts (a DNS-1123 subdomain).
+const MAX_NODE_NAME: usize = 253;
+
+/// Node name of a base: `vnode.<identity>.<env>`. An identity that is not valid in a node name
+/// (uppercase, `_`, `:`, …) maps deterministically to a valid one: lowercased, other characters
+/// replaced by `-`, plus a hash of the original so that two identities never share a node.
 pub fn node_name(base_id: &str, env: &str) -> String {
-    format!("vnode.{base_id}.{env}")
+    if is_dns_subdomain(base_id) && base_id.len() + env.len() + 7 <= MAX_NODE_NAME {
+        return format!("vnode.{base_id}.{env}");
+    }
+    let digest = sha2::Sha256::digest(base_id.as_bytes());
+    let hash: String = hex::encode(digest).chars().take(8).collect();
+    let mut safe: Vec<String> = base_id
+        .to_ascii_lowercase()
+        .split('.')
+        .map(|seg| {
+            let s: String = seg
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            s.trim_matches('-').to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    let budget = MAX_NODE_NAME.saturating_sub(env.len() + 7 + hash.len() + 1);
+    let mut joined = safe.join(".");
+    if joined.len() > budget {
+        joined.truncate(budget);
+        safe = joined
+            .split('.')
+            .map(|s| s.trim_matches('-').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        joined = safe.join(".");
+    }
+    if joined.is_empty() {
+        format!("vnode.{hash}.{env}")
+    } else {
+        format!("vnode.{joined}-{hash}.{env}")
+    }
 }
 
-/// Base identity from a node name of `env`, if it is one of ours.
+/// Whether `s` is a DNS-1123 subdomain (what a node name must be).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_NAME
+        && s.split('.').all(|seg| {
+            let b = seg.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// Whether `node` is a VNode name of `env`.
+pub fn is_vnode_name(node: &str, env: &str) -> bool {
+    base_id_of(node, env).is_some()
+}
+
+/// The identity part of a VNode name of `env` (the base identity itself unless it had to be
+/// mapped; the exact identity is then in the node's [`IDENTITY_ANNOTATION`]).
 pub fn base_id_of(node_name: &str, env: &str) -> Option<String> {
     let id = node_name
         .strip_prefix("vnode.")?
@@ -75,7 +139,7 @@ pub fn labels(i: &NodeShapeInput<'_>) -> BTreeMap<String, String> {
     put("kubernetes.io/hostname", &host);
     put(COMPONENT_LABEL, "vnode");
     put(ENV_LABEL, i.env);
-    put("vnode.koupleless.io/tunnel", i.tunnel);
+    put(TUNNEL_LABEL, i.tunnel);
     put("kubernetes.io/os", "linux");
     put("type", "virtual-kubelet");
     l
@@ -123,6 +187,10 @@ pub fn node(i: &NodeShapeInput<'_>) -> Node {
         metadata: ObjectMeta {
             name: Some(node_name(&i.heartbeat.metadata.identity, i.env)),
             labels: Some(labels(i)),
+            annotations: Some(BTreeMap::from([(
+                IDENTITY_ANNOTATION.to_string(),
+                i.heartbeat.metadata.identity.clone(),
+            )])),
             ..Default::default()
         },
         spec: Some(NodeSpec {
@@ -319,12 +387,38 @@ mod tests {
             tunnel: "mqtt",
             env_taint: true,
         };
-        let t0 = crate::kube_util::time_from_ms(0).expect("t");
-        let t1 = crate::kube_util::time_from_ms(100_000).expect("t");
+        let t0 = crate::time::time_from_ms(0).expect("t");
+        let t1 = crate::time::time_from_ms(100_000).expect("t");
         let a = status(&i, NodeReadiness::Ready, t0.clone(), t0.clone());
         let b = status(&i, NodeReadiness::Ready, t0.clone(), t1);
         assert!(!status_differs(&a, &b));
         let c = status(&i, NodeReadiness::NotReady, t0.clone(), t0);
         assert!(status_differs(&a, &c));
+    }
+
+    #[test]
+    fn identities_that_are_not_node_names_map_to_valid_distinct_names() {
+        assert_eq!(node_name("10.1.2.3", "dev"), "vnode.10.1.2.3.dev");
+        let a = node_name("Acc_Base_UPPER:1", "dev");
+        assert!(is_dns_subdomain(&a), "{a}");
+        assert!(
+            a.starts_with("vnode.acc-base-upper-1-") && a.ends_with(".dev"),
+            "{a}"
+        );
+        assert_eq!(a, node_name("Acc_Base_UPPER:1", "dev"), "deterministic");
+        assert_ne!(
+            a,
+            node_name("acc_base_upper:1", "dev"),
+            "case kept apart by the hash"
+        );
+        let odd = node_name("..__..", "dev");
+        assert!(is_dns_subdomain(&odd), "{odd}");
+        let long = node_name(&"X".repeat(400), "dev");
+        assert!(
+            is_dns_subdomain(&long) && long.len() <= 253,
+            "{}",
+            long.len()
+        );
+        assert!(base_id_of(&a, "dev").is_some());
     }
 }

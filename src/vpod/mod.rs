@@ -1,5 +1,4 @@
-//! Module pods: what they ask for (pure), what their status should be (pure), and the writes.
+//! Module pods: what they ask for, and what their status should be. Pure.
 
 pub mod spec;
 pub mod status;
-pub mod writer;

@@ -2,8 +2,8 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::kube_util::time_secs;
 use crate::model::ModuleSpec;
+use crate::time::time_secs;
 
 /// Labels that mark a module pod (either one).
 pub const MODULE_LABELS: [&str; 2] = [

@@ -6,8 +6,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::kube_util::time_from_ms;
 use crate::model::{BizState, ModuleSpec, ModuleStatus};
+use crate::time::time_from_ms;
 use crate::vpod::spec::SpecError;
 
 /// Reason shown while a module waits for its install.

@@ -13,13 +13,13 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use module_controller::config::Settings;
 use module_controller::controller::{self, ControllerDeps, ControllerHandle};
-use module_controller::localenv::broker::Mosquitto;
-use module_controller::localenv::control_plane::ControlPlane;
+use module_controller::metrics::Metrics;
 use module_controller::rollout::{BuiltinPolicies, PolicySource};
-use module_controller::sim::{SimBase, SimBaseConfig, SimTransport};
-use module_controller::tunnel::mqtt::MqttSettings;
 use module_controller::vpod::status::is_ready;
 use serde_json::json;
+use testkit::localenv::broker::Mosquitto;
+use testkit::localenv::control_plane::ControlPlane;
+use testkit::sim::{SimBase, SimBaseConfig, SimTransport};
 
 /// Polls `f` every 200 ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -53,6 +53,8 @@ pub struct TestEnv {
     pub controller: Option<ControllerHandle>,
     pub policies: Arc<dyn PolicySource>,
     pub vnode_ttl: Duration,
+    /// Start controllers with the unsafe status order (negative controls only).
+    pub unsafe_order: bool,
 }
 
 impl TestEnv {
@@ -90,39 +92,22 @@ impl TestEnv {
             controller: None,
             policies: Arc::new(BuiltinPolicies),
             vnode_ttl: Duration::from_secs(600),
+            unsafe_order: false,
         }
     }
 
     /// Controller settings for fast tests: 1 s heartbeats, NotReady after 3 s of silence.
     pub fn settings(&self) -> Settings {
-        Settings {
-            env: self.env.clone(),
-            client_id: format!("test-{}", self.env),
-            mqtt: Some(MqttSettings {
-                host: self.broker.host().to_string(),
-                port: self.broker.port(),
-                client_id: format!("koupleless@@@test-{}", self.env),
-                username: None,
-                password: None,
-                ca_path: None,
-                client_cert_path: None,
-                client_key_path: None,
-                keep_alive: Duration::from_secs(5),
-            }),
-            http_port: None,
-            workers: 8,
-            heartbeat_period: Duration::from_secs(1),
-            liveness_timeout: Duration::from_secs(3),
-            vnode_ttl: self.vnode_ttl,
-            env_taint: true,
-            resync: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(3),
-            metrics_addr: None,
-            plugins_dir: None,
-            replicas_sync: false,
-            retention_timeout: Duration::from_secs(120),
-            lossless: true,
-        }
+        let mut s = Settings::local(&self.env);
+        s.client_id = format!("test-{}", self.env);
+        let mut s = s
+            .with_mqtt(self.broker.host(), self.broker.port())
+            .with_heartbeat(Duration::from_secs(1), 3);
+        s.vnode_ttl = self.vnode_ttl;
+        s.resync = Duration::from_secs(5);
+        s.command_timeout = Duration::from_secs(3);
+        s.retention_timeout = Duration::from_secs(120);
+        s
     }
 
     /// Starts (or restarts) the controller in this process.
@@ -138,23 +123,34 @@ impl TestEnv {
 
     /// Starts the controller with explicit settings and its own client (e.g. other credentials).
     pub async fn start_controller_as(&mut self, settings: Settings, client: kube::Client) {
-        let handle = controller::start(
-            settings,
-            ControllerDeps {
-                client,
-                policies: self.policies.clone(),
-                codecs: controller::no_plugin_codecs(),
-            },
-        )
-        .await
-        .expect("controller starts");
-        let ready = handle.ready.clone();
+        let mut deps = ControllerDeps::new(
+            client,
+            self.policies.clone(),
+            controller::no_plugin_codecs(),
+            Metrics::new(),
+        );
+        if self.unsafe_order {
+            deps = deps.unsafe_status_order();
+        }
+        let handle = controller::start(settings, deps)
+            .await
+            .expect("controller starts");
+        let health = handle.health.clone();
         eventually(Duration::from_secs(30), "controller ready", || {
-            let r = ready.clone();
-            async move { r.load(std::sync::atomic::Ordering::SeqCst).then_some(()) }
+            let h = health.clone();
+            async move { h.is_ready().then_some(()) }
         })
         .await;
         self.controller = Some(handle);
+    }
+
+    /// The running controller's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.controller
+            .as_ref()
+            .expect("controller running")
+            .metrics
+            .clone()
     }
 
     /// Stops the controller.

@@ -1,17 +1,17 @@
 //! Translation between the simulator and the Arklet wire types of
-//! [`crate::protocol::arklet`]: parsing commands, building replies.
+//! [`module_controller::protocol::arklet`]: parsing commands, building replies.
 
 use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::model::{BaseCommand, ModuleKey, ModuleSpec, ModuleStatus};
-use crate::protocol::arklet::{
+use module_controller::model::{BaseCommand, ModuleKey, ModuleSpec, ModuleStatus};
+use module_controller::protocol::arklet::{
     WireBaseMetadata, WireBatchInstallData, WireBatchInstallResponse, WireBizOperation, WireHealth,
     WireHealthData, WireHealthInner, WireHeartbeat, WireInstallBiz, WireJvm, WireOperationData,
     WireResponse, WireSimpleBiz, WireStateRecord, WireUninstallBiz,
 };
-use crate::protocol::mqtt_topics::down;
+use module_controller::protocol::mqtt_topics::down;
 
 use super::SimBaseConfig;
 use super::state::InstallOutcome;
@@ -294,7 +294,7 @@ pub fn batch_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::BizState;
+    use module_controller::model::BizState;
 
     #[test]
     fn parses_commands_and_rejects_malformed_ones() {

@@ -6,23 +6,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::Parser;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
-use crate::config::Settings;
-use crate::controller::{self, ControllerDeps};
 use crate::localenv::broker::EmbeddedBroker;
 use crate::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
 use crate::localenv::ports::free_port;
-use crate::rollout::BuiltinPolicies;
 use crate::sim::{SimBaseConfig, SimFleet, SimTransport};
-use crate::tunnel::mqtt::MqttSettings;
-use crate::vpod::status::is_ready;
+use module_controller::config::Settings;
+use module_controller::controller::{self, ControllerDeps};
+use module_controller::metrics::Metrics;
+use module_controller::rollout::BuiltinPolicies;
+use module_controller::server;
+use module_controller::vpod::status::is_ready;
 
-/// `module-controller demo` options.
-#[derive(Debug, Clone, Args)]
+/// Quick start options (`cargo run -p testkit --bin demo -- --help`).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "demo",
+    about = "Quick start: local control plane, embedded MQTT broker, the controller and simulated bases"
+)]
 pub struct DemoArgs {
     /// Number of simulated bases.
     #[arg(long, default_value_t = 3)]
@@ -39,35 +44,26 @@ pub struct DemoArgs {
 }
 
 fn demo_settings(broker_port: u16, metrics_port: u16) -> Settings {
-    let period = Duration::from_secs(2);
-    Settings {
-        env: "dev".into(),
-        client_id: "demo".into(),
-        mqtt: Some(MqttSettings {
-            host: "127.0.0.1".into(),
-            port: broker_port,
-            client_id: "koupleless@@@demo".into(),
-            username: None,
-            password: None,
-            ca_path: None,
-            client_cert_path: None,
-            client_key_path: None,
-            keep_alive: Duration::from_secs(30),
-        }),
-        http_port: None,
-        workers: 8,
-        heartbeat_period: period,
-        liveness_timeout: period * 3,
-        vnode_ttl: Duration::from_secs(600),
-        env_taint: true,
-        resync: Duration::from_secs(10),
-        command_timeout: Duration::from_secs(10),
-        metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
-        plugins_dir: None,
-        replicas_sync: false,
-        retention_timeout: Duration::from_secs(600),
-        lossless: true,
-    }
+    let mut s = Settings::local("dev")
+        .with_mqtt("127.0.0.1", broker_port)
+        .with_heartbeat(Duration::from_secs(2), 3);
+    s.client_id = "demo".into();
+    s.resync = Duration::from_secs(10);
+    s.command_timeout = Duration::from_secs(10);
+    s.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    s
+}
+
+/// Logs to stderr, `RUST_LOG` or quiet defaults.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,rumqttc=error,rumqttd=off,kube=error")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn print_state(client: &kube::Client, app: &str) -> anyhow::Result<(usize, usize)> {
@@ -168,16 +164,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let metrics_port = free_port()?;
     println!("embedded MQTT broker on 127.0.0.1:{}", broker.port());
 
+    let metrics = Metrics::new();
     let handle = controller::start(
         demo_settings(broker.port(), metrics_port),
-        ControllerDeps {
-            client: client.clone(),
-            policies: Arc::new(BuiltinPolicies),
-            codecs: controller::no_plugin_codecs(),
-        },
+        ControllerDeps::new(
+            client.clone(),
+            Arc::new(BuiltinPolicies),
+            controller::no_plugin_codecs(),
+            metrics.clone(),
+        ),
     )
     .await?;
-    controller::serve_metrics(([127, 0, 0, 1], metrics_port).into(), handle.ready.clone()).await?;
+    server::serve(
+        ([127, 0, 0, 1], metrics_port).into(),
+        metrics,
+        handle.health.clone(),
+    )
+    .await?;
 
     let mut template = SimBaseConfig::new("demo-base");
     template.env = "dev".into();

@@ -16,14 +16,13 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use module_controller::config::Settings;
 use module_controller::controller::{self, ControllerDeps};
-use module_controller::kube_util::writes_ok;
-use module_controller::localenv::broker::Mosquitto;
-use module_controller::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
+use module_controller::metrics::Metrics;
 use module_controller::rollout::BuiltinPolicies;
-use module_controller::sim::{SimBaseConfig, SimFleet, SimTransport};
-use module_controller::tunnel::mqtt::MqttSettings;
 use module_controller::vpod::status::is_ready;
 use serde_json::json;
+use testkit::localenv::broker::Mosquitto;
+use testkit::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
+use testkit::sim::{SimBaseConfig, SimFleet, SimTransport};
 
 #[derive(Parser)]
 struct Args {
@@ -207,41 +206,20 @@ async fn main() -> anyhow::Result<()> {
     // Through the controller, with simulated bases over a real broker.
     let broker = Mosquitto::start().await?;
     make_ns(&client, "bench").await?;
-    let settings = Settings {
-        env: "bench".into(),
-        client_id: "bench".into(),
-        mqtt: Some(MqttSettings {
-            host: broker.host().into(),
-            port: broker.port(),
-            client_id: "koupleless@@@bench".into(),
-            username: None,
-            password: None,
-            ca_path: None,
-            client_cert_path: None,
-            client_key_path: None,
-            keep_alive: Duration::from_secs(30),
-        }),
-        http_port: None,
-        workers: 8,
-        heartbeat_period: Duration::from_secs(2),
-        liveness_timeout: Duration::from_secs(6),
-        vnode_ttl: Duration::from_secs(600),
-        env_taint: true,
-        resync: Duration::from_secs(30),
-        command_timeout: Duration::from_secs(10),
-        metrics_addr: None,
-        plugins_dir: None,
-        replicas_sync: false,
-        retention_timeout: Duration::from_secs(600),
-        lossless: true,
-    };
+    let mut settings = Settings::local("bench")
+        .with_mqtt(broker.host(), broker.port())
+        .with_heartbeat(Duration::from_secs(2), 3);
+    settings.client_id = "bench".into();
+    settings.command_timeout = Duration::from_secs(10);
+    let metrics = Metrics::new();
     let handle = controller::start(
         settings,
-        ControllerDeps {
-            client: client.clone(),
-            policies: Arc::new(BuiltinPolicies),
-            codecs: controller::no_plugin_codecs(),
-        },
+        ControllerDeps::new(
+            client.clone(),
+            Arc::new(BuiltinPolicies),
+            controller::no_plugin_codecs(),
+            metrics.clone(),
+        ),
     )
     .await?;
     let mut template = SimBaseConfig::new("bench-base");
@@ -258,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await?;
+    let writes_ok = |k: &'static str| metrics.api.ok(k);
     let writes_before = ["pod_status", "pod_delete", "event"].map(writes_ok);
     let with_controller = rollout(&client, "bench", "benchbase", "bench", n).await?;
     let writes_after = ["pod_status", "pod_delete", "event"].map(writes_ok);

@@ -9,8 +9,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use module_controller::model::{BaseCommand, ModuleKey};
-use module_controller::sim::{SimBase, SimBaseConfig, SimTransport};
 use serde_json::{Value, json};
+use testkit::sim::{SimBase, SimBaseConfig, SimTransport};
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::BaseCommand;
-use crate::protocol::arklet::{envelope, now_ms};
-use crate::protocol::mqtt_topics::{self, UpTopic};
+use module_controller::model::BaseCommand;
+use module_controller::protocol::arklet::{envelope, now_ms};
+use module_controller::protocol::mqtt_topics::{self, UpTopic};
 
 use super::wire::{self, CommandError, Reply};
 use super::{Shared, engine};

@@ -4,11 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use module_controller::localenv::broker::Mosquitto;
 use module_controller::model::{BaseCommand, BizState, ModuleKey};
-use module_controller::sim::{SimBase, SimBaseConfig, SimFleet, SimTransport};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
+use testkit::localenv::broker::Mosquitto;
+use testkit::sim::{SimBase, SimBaseConfig, SimFleet, SimTransport};
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(10);

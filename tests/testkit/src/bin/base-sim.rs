@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use module_controller::sim::{SimBaseConfig, SimFleet, SimTransport};
+use testkit::sim::{SimBaseConfig, SimFleet, SimTransport};
 use tracing_subscriber::EnvFilter;
 
 /// Simulated Koupleless bases for local runs and scale tests.

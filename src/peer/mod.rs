@@ -13,27 +13,19 @@
 //! handled by the controller of that env; one that names none is handled when at least one
 //! VNode of this env (Ready or not) matches its scheduling constraints.
 
+mod task;
+
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, PodSpec};
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use serde_json::json;
+use kube::ResourceExt;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
-use crate::kube_util::KubeCtx;
 use crate::vnode::shape::{COMPONENT_LABEL, ENV_LABEL, NODE_ENV_TAINT};
+
+pub use task::{PeerMetrics, run};
 
 /// Label that marks a Deployment as a peer deployment (value [`PEER_STRATEGY`]).
 pub const STRATEGY_LABEL: &str = "virtual-kubelet.koupleless.io/strategy";
@@ -41,46 +33,11 @@ pub const STRATEGY_LABEL: &str = "virtual-kubelet.koupleless.io/strategy";
 pub const PEER_STRATEGY: &str = "peer";
 
 /// Quiet time after the last change before replicas are recomputed.
-const DEBOUNCE: Duration = Duration::from_secs(1);
+pub(crate) const DEBOUNCE: Duration = Duration::from_secs(1);
 /// Upper bound on the wait when changes keep arriving (a flapping base still converges).
-const MAX_DELAY: Duration = Duration::from_secs(5);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Delay before a failed write is tried again.
-const RETRY: Duration = Duration::from_secs(5);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: String,
-}
-
-fn outcomes() -> &'static Family<OutcomeLabel, Counter> {
-    static F: OnceLock<Family<OutcomeLabel, Counter>> = OnceLock::new();
-    F.get_or_init(|| {
-        let f = Family::default();
-        crate::metrics::register(
-            "peer_replica_sync",
-            "Peer deployment replica sync: rescales done, write errors, watch errors",
-            f.clone(),
-        );
-        f
-    })
-}
-
-fn count(outcome: &str) {
-    outcomes()
-        .get_or_create(&OutcomeLabel {
-            outcome: outcome.to_string(),
-        })
-        .inc();
-}
-
-/// How often the peer sync ended with `outcome` (`rescaled`, `error`, `watch_error`).
-pub fn outcome_total(outcome: &str) -> u64 {
-    outcomes()
-        .get_or_create(&OutcomeLabel {
-            outcome: outcome.to_string(),
-        })
-        .get()
-}
+pub(crate) const RETRY: Duration = Duration::from_secs(5);
 
 /// Whether the Deployment is labelled as a peer deployment.
 pub fn is_peer(deployment: &Deployment) -> bool {
@@ -272,105 +229,29 @@ pub fn plan<'a>(
         .collect()
 }
 
-/// Keeps peer Deployments at one replica per matching Ready VNode of `env` until cancelled.
-/// Errors are logged, counted and retried; nothing here is fatal.
-pub async fn run(client: kube::Client, env: String, cancel: CancellationToken) {
-    let ctx = KubeCtx::new(client.clone(), 4, "peer-sync");
-    let node_cfg =
-        watcher::Config::default().labels(&format!("{COMPONENT_LABEL}=vnode,{ENV_LABEL}={env}"));
-    let dep_cfg = watcher::Config::default().labels(&format!("{STRATEGY_LABEL}={PEER_STRATEGY}"));
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let (deployments, dep_writer) = reflector::store::<Deployment>();
-    let node_events = reflector::reflector(
-        node_writer,
-        watcher(Api::<Node>::all(client.clone()), node_cfg).default_backoff(),
-    )
-    .map(|r| {
-        (
-            Source::Nodes,
-            r.map(|e| matches!(e, watcher::Event::InitDone)),
-        )
-    });
-    let dep_events = reflector::reflector(
-        dep_writer,
-        watcher(Api::<Deployment>::all(client.clone()), dep_cfg).default_backoff(),
-    )
-    .map(|r| {
-        (
-            Source::Deployments,
-            r.map(|e| matches!(e, watcher::Event::InitDone)),
-        )
-    });
-    let mut events = futures::stream::select(node_events.boxed(), dep_events.boxed());
-    let mut synced = [false; 2];
-    let mut schedule = Debounce::default();
-    let mut written = Written::default();
-    info!(env = %env, "peer deployment replica sync started");
-    loop {
-        let deadline = schedule.deadline();
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            item = events.next() => match item {
-                Some((source, Ok(init_done))) => {
-                    synced[source as usize] |= init_done;
-                    schedule.touch(Instant::now());
-                }
-                Some((source, Err(e))) => {
-                    count("watch_error");
-                    warn!(?source, error = %e, "peer sync watch error; retrying");
-                }
-                None => {
-                    warn!("peer sync watch streams ended");
-                    break;
-                }
-            },
-            _ = sleep_until(deadline) => {
-                schedule.clear();
-                if synced.iter().all(|s| *s) && !sync_once(&ctx, &env, &nodes, &deployments, &mut written).await {
-                    schedule.retry(Instant::now() + RETRY);
-                }
-            }
-        }
-    }
-    info!(env = %env, "peer deployment replica sync stopped");
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Nodes = 0,
-    Deployments = 1,
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// When to recompute: `DEBOUNCE` after the last change, at most `MAX_DELAY` after the first.
 #[derive(Debug, Default)]
-struct Debounce {
+pub(crate) struct Debounce {
     first: Option<Instant>,
     last: Option<Instant>,
     retry: Option<Instant>,
 }
 
 impl Debounce {
-    fn touch(&mut self, now: Instant) {
+    pub(crate) fn touch(&mut self, now: Instant) {
         self.first.get_or_insert(now);
         self.last = Some(now);
     }
 
-    fn retry(&mut self, at: Instant) {
+    pub(crate) fn retry(&mut self, at: Instant) {
         self.retry = Some(at);
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         *self = Debounce::default();
     }
 
-    fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         let change = match (self.first, self.last) {
             (Some(first), Some(last)) => Some((last + DEBOUNCE).min(first + MAX_DELAY)),
             _ => None,
@@ -385,16 +266,16 @@ impl Debounce {
 /// What was last written per Deployment, so a stale cache entry is not rescaled (and
 /// announced) twice before the watch catches up.
 #[derive(Debug, Default)]
-struct Written(HashMap<(String, String), (Option<String>, i32)>);
+pub(crate) struct Written(HashMap<(String, String), (Option<String>, i32)>);
 
 impl Written {
-    fn already(&self, r: &Rescale) -> bool {
+    pub(crate) fn already(&self, r: &Rescale) -> bool {
         self.0
             .get(&(r.namespace.clone(), r.name.clone()))
             .is_some_and(|(rv, to)| *rv == r.resource_version && *to == r.to)
     }
 
-    fn record(&mut self, r: &Rescale) {
+    pub(crate) fn record(&mut self, r: &Rescale) {
         self.0.insert(
             (r.namespace.clone(), r.name.clone()),
             (r.resource_version.clone(), r.to),
@@ -402,82 +283,10 @@ impl Written {
     }
 }
 
-/// Applies one plan; false when some write failed (the caller retries).
-async fn sync_once(
-    ctx: &KubeCtx,
-    env: &str,
-    nodes: &Store<Node>,
-    deployments: &Store<Deployment>,
-    written: &mut Written,
-) -> bool {
-    let node_state = nodes.state();
-    let node_refs: Vec<&Node> = node_state.iter().map(Arc::as_ref).collect();
-    let dep_state = deployments.state();
-    let rescales = plan(dep_state.iter().map(Arc::as_ref), &node_refs, env);
-    debug!(
-        env,
-        nodes = node_refs.len(),
-        deployments = dep_state.len(),
-        rescales = rescales.len(),
-        "peer sync pass"
-    );
-    let mut ok = true;
-    for r in &rescales {
-        if written.already(r) {
-            continue;
-        }
-        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &r.namespace);
-        let patch = json!({"spec": {"replicas": r.to}});
-        let result = {
-            let _permit = ctx.writes.acquire().await;
-            api.patch_scale(&r.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-        };
-        match result {
-            Ok(_) => {
-                count("rescaled");
-                crate::kube_util::count_write("deployment_scale", true);
-                written.record(r);
-                info!(deployment = %format!("{}/{}", r.namespace, r.name), from = r.from, to = r.to, "peer deployment rescaled to its Ready bases");
-                if let Some(d) = dep_state.iter().find(|d| {
-                    d.namespace().as_deref() == Some(&r.namespace) && d.name_any() == r.name
-                }) {
-                    let note = format!(
-                        "replicas {} -> {}: {} Ready base(s) of env {env} match the pod template",
-                        r.from, r.to, r.to
-                    );
-                    // Distinct actions keep ups and downs apart: the recorder folds repeats of
-                    // one (reason, action) into a single Event series.
-                    let action = if r.to > r.from {
-                        "ScaleUp"
-                    } else {
-                        "ScaleDown"
-                    };
-                    ctx.event(
-                        &d.object_ref(&()),
-                        false,
-                        "PeerReplicasSynced",
-                        action,
-                        note,
-                    )
-                    .await;
-                }
-            }
-            Err(e) => {
-                ok = false;
-                count("error");
-                crate::kube_util::count_write("deployment_scale", false);
-                warn!(deployment = %format!("{}/{}", r.namespace, r.name), from = r.from, to = r.to, error = %e, "peer deployment rescale failed; retrying");
-            }
-        }
-    }
-    ok
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     fn node(name: &str, env: &str, ready: &str, extra: Value) -> Node {
         let mut labels = json!({
@@ -566,7 +375,7 @@ mod tests {
             ..Default::default()
         });
         let mut deleting = node("d", "dev", "True", json!({}));
-        deleting.metadata.deletion_timestamp = Some(crate::kube_util::now_time());
+        deleting.metadata.deletion_timestamp = Some(crate::time::now_time());
         let mut no_status = node("s", "dev", "True", json!({}));
         no_status.status = None;
         let mut worker = node("w", "dev", "True", json!({}));
@@ -737,7 +546,7 @@ mod tests {
         }
         let plain = deployment(json!({}), json!({}));
         let mut deleting = peer(json!({}));
-        deleting.metadata.deletion_timestamp = Some(crate::kube_util::now_time());
+        deleting.metadata.deletion_timestamp = Some(crate::time::now_time());
         let p = plan([&at_three, &unset, &plain, &deleting], &refs, "dev");
         assert_eq!(
             p,

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use crate::model::BaseCommand;
-use crate::protocol::arklet::now_ms;
+use module_controller::model::BaseCommand;
+use module_controller::protocol::arklet::now_ms;
 
 use super::Shared;
 use super::wire::{self, Reply};

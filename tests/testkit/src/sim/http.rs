@@ -23,9 +23,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::BaseCommand;
-use crate::protocol::arklet::{WireResponse, now_ms};
-use crate::protocol::mqtt_topics::down;
+use module_controller::model::BaseCommand;
+use module_controller::protocol::arklet::{WireResponse, now_ms};
+use module_controller::protocol::mqtt_topics::down;
 
 use super::wire::{self, Reply};
 use super::{Shared, engine};

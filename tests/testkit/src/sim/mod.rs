@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::model::{ModuleKey, ModuleStatus};
+use module_controller::model::{ModuleKey, ModuleStatus};
 
 pub use fleet::SimFleet;
 pub use state::{ActiveSnapshot, ReceivedCommand};
@@ -359,7 +359,7 @@ impl SimBase {
         }
         if !keep_modules {
             self.shared
-                .update(|s| s.clear_modules(crate::protocol::arklet::now_ms()));
+                .update(|s| s.clear_modules(module_controller::protocol::arklet::now_ms()));
         }
         self.shared.silent.send_replace(false);
         *slot = Some(Session::start(&self.shared).await?);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{BaseCommand, BizState, ModuleKey, ModuleSpec, ModuleStatus};
+use module_controller::model::{BaseCommand, BizState, ModuleKey, ModuleSpec, ModuleStatus};
 
 /// The set of active modules after one change of it.
 #[derive(Debug, Clone, PartialEq, Eq)]

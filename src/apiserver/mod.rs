@@ -1,0 +1,186 @@
+//! Every conversation with the kube-apiserver lives here: Node, Lease, Pod, Deployment writes,
+//! Events, and the watches that feed the controller. Nothing else in the crate calls the
+//! apiserver; the decisions that lead to these calls are pure and live elsewhere.
+
+pub mod deployments;
+pub mod events;
+pub mod leases;
+pub mod nodes;
+pub mod pods;
+pub mod watch;
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+pub use events::EventSink;
+
+/// Field manager of every write (server-side apply and patches).
+pub const MANAGER: &str = "module-controller";
+
+/// Node and Lease writes in flight at once. Separate from `VNODE_WORKER_NUM` (which bounds
+/// module work) so that a burst of pod writes never delays a base's heartbeat, and the reverse.
+const NODE_WRITE_LIMIT: usize = 16;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabel {
+    kind: &'static str,
+    result: &'static str,
+}
+
+/// Apiserver write counters, by object kind and result.
+#[derive(Clone, Debug, Default)]
+pub struct ApiMetrics {
+    writes: Family<WriteLabel, Counter>,
+}
+
+impl ApiMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ApiMetrics::default();
+        registry.register(
+            "apiserver_writes",
+            "Writes to the apiserver, by object kind and result",
+            m.writes.clone(),
+        );
+        for kind in [
+            "node",
+            "node_status",
+            "node_delete",
+            "lease",
+            "pod_status",
+            "pod_delete",
+            "event",
+            "deployment_scale",
+        ] {
+            for result in ["ok", "error"] {
+                let _ = m.writes.get_or_create(&WriteLabel { kind, result });
+            }
+        }
+        m
+    }
+
+    /// Counts one write.
+    pub fn count(&self, kind: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.writes
+            .get_or_create(&WriteLabel { kind, result })
+            .inc();
+    }
+
+    /// Writes of `kind` that succeeded so far.
+    pub fn ok(&self, kind: &'static str) -> u64 {
+        self.writes
+            .get_or_create(&WriteLabel { kind, result: "ok" })
+            .get()
+    }
+
+    /// Writes of `kind` that failed so far.
+    pub fn failed(&self, kind: &'static str) -> u64 {
+        self.writes
+            .get_or_create(&WriteLabel {
+                kind,
+                result: "error",
+            })
+            .get()
+    }
+}
+
+/// What every writer needs: the client, the write limits and the counters.
+#[derive(Clone)]
+pub struct Api {
+    /// The client.
+    pub client: kube::Client,
+    /// `VNODE_WORKER_NUM`: module work (pod status writes, pod deletions, pod Events) in
+    /// flight at once across all VNodes; the reference's "concurrent module processing".
+    module_writes: Arc<Semaphore>,
+    node_writes: Arc<Semaphore>,
+    metrics: ApiMetrics,
+    events: EventSink,
+}
+
+impl Api {
+    /// Builds the writer context; `module_workers` is `VNODE_WORKER_NUM`.
+    pub fn new(
+        client: kube::Client,
+        module_workers: usize,
+        instance: &str,
+        metrics: ApiMetrics,
+    ) -> Self {
+        Api {
+            events: EventSink::new(client.clone(), instance),
+            client,
+            module_writes: Arc::new(Semaphore::new(module_workers.max(1))),
+            node_writes: Arc::new(Semaphore::new(NODE_WRITE_LIMIT)),
+            metrics,
+        }
+    }
+
+    /// The write counters.
+    pub fn metrics(&self) -> &ApiMetrics {
+        &self.metrics
+    }
+
+    async fn module_permit(&self) -> Option<SemaphorePermit<'_>> {
+        // The semaphore is never closed; `None` only if it were, and then writes go unbounded.
+        self.module_writes.acquire().await.ok()
+    }
+
+    async fn node_permit(&self) -> Option<SemaphorePermit<'_>> {
+        self.node_writes.acquire().await.ok()
+    }
+
+    fn counted<T>(&self, kind: &'static str, r: Result<T, kube::Error>) -> Result<T, kube::Error> {
+        self.metrics.count(kind, r.is_ok());
+        r
+    }
+
+    /// Counts a write whose target may already be gone (404, or 409 for a failed uid
+    /// precondition): the goal is reached then, and nothing was written.
+    fn counted_gone_ok<T>(
+        &self,
+        kind: &'static str,
+        r: Result<T, kube::Error>,
+    ) -> Result<(), kube::Error> {
+        match r {
+            Ok(_) => {
+                self.metrics.count(kind, true);
+                Ok(())
+            }
+            Err(e) if is_not_found(&e) || is_conflict(&e) => Ok(()),
+            Err(e) => {
+                self.metrics.count(kind, false);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Whether an apiserver error is a 404.
+pub fn is_not_found(e: &kube::Error) -> bool {
+    status_code(e) == Some(404)
+}
+
+/// Whether an apiserver error is a 409 (conflict or failed precondition).
+pub fn is_conflict(e: &kube::Error) -> bool {
+    status_code(e) == Some(409)
+}
+
+/// The HTTP status of an apiserver error answer, if the apiserver answered.
+pub fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// An `ObjectReference` to any object (the subject of an Event).
+pub fn object_ref<K: kube::Resource<DynamicType = ()>>(
+    obj: &K,
+) -> k8s_openapi::api::core::v1::ObjectReference {
+    obj.object_ref(&())
+}

@@ -1,0 +1,164 @@
+//! Watches in their own tasks: each backs off on errors by itself (kube's `default_backoff`),
+//! forwards events over a bounded channel, and reports its health, so that a failing watch
+//! never stalls the tunnels or the base tasks.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use kube::Resource;
+use kube::api::Api as KubeApi;
+use kube::runtime::{WatchStreamExt, watcher};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Health of one watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchState {
+    /// Started, initial list not complete yet.
+    Starting,
+    /// Listed and watching.
+    Synced,
+    /// The last attempt failed (the watch retries with backoff).
+    Failing(String),
+}
+
+/// The health of every watch, for `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct WatchHealth(Arc<Mutex<BTreeMap<String, WatchState>>>);
+
+impl WatchHealth {
+    fn set(&self, name: &str, state: WatchState) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), state);
+    }
+
+    /// Every watch and its state.
+    pub fn states(&self) -> BTreeMap<String, WatchState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `None` when every watch is synced, else why not.
+    pub fn problem(&self) -> Option<String> {
+        let states = self.states();
+        let bad: Vec<String> = states
+            .iter()
+            .filter_map(|(n, s)| match s {
+                WatchState::Synced => None,
+                WatchState::Starting => Some(format!("{n}: not synced yet")),
+                WatchState::Failing(e) => Some(format!("{n}: {e}")),
+            })
+            .collect();
+        (!bad.is_empty()).then(|| bad.join("; "))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabel {
+    watch: String,
+}
+
+/// Watch counters.
+#[derive(Clone, Debug, Default)]
+pub struct WatchMetrics {
+    events: Family<WatchLabel, Counter>,
+    errors: Family<WatchLabel, Counter>,
+}
+
+impl WatchMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = WatchMetrics::default();
+        registry.register(
+            "watch_events",
+            "Watch events received, by watch",
+            m.events.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Watch errors (each followed by a backed-off retry), by watch",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    /// Errors of watch `name` so far.
+    pub fn errors(&self, name: &str) -> u64 {
+        self.errors
+            .get_or_create(&WatchLabel {
+                watch: name.to_string(),
+            })
+            .get()
+    }
+}
+
+/// Starts a watch of `api` named `name` in its own task; events arrive on the returned channel.
+/// The task ends when `cancel` fires or the receiver is dropped.
+pub fn spawn<K>(
+    name: &str,
+    api: KubeApi<K>,
+    config: watcher::Config,
+    health: WatchHealth,
+    metrics: WatchMetrics,
+    cancel: CancellationToken,
+) -> mpsc::Receiver<watcher::Event<K>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (tx, rx) = mpsc::channel(1024);
+    let name = name.to_string();
+    health.set(&name, WatchState::Starting);
+    let label = WatchLabel {
+        watch: name.clone(),
+    };
+    tokio::spawn(async move {
+        let mut stream = watcher(api, config).default_backoff().boxed();
+        let mut failing = false;
+        loop {
+            let item = tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(ev)) => {
+                    metrics.events.get_or_create(&label).inc();
+                    if failing {
+                        info!(watch = %name, "watch recovered");
+                        failing = false;
+                        health.set(&name, WatchState::Synced);
+                    }
+                    if matches!(ev, watcher::Event::InitDone) {
+                        health.set(&name, WatchState::Synced);
+                    }
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    metrics.errors.get_or_create(&label).inc();
+                    // Logged once per failure streak: the backoff retries quietly.
+                    if !failing {
+                        warn!(watch = %name, error = %e, "watch failing; retrying with backoff");
+                        failing = true;
+                    }
+                    health.set(&name, WatchState::Failing(e.to_string()));
+                }
+                None => {
+                    warn!(watch = %name, "watch stream ended");
+                    health.set(&name, WatchState::Failing("stream ended".into()));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}

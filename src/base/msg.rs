@@ -1,0 +1,30 @@
+//! What a base task is told.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::oneshot;
+
+use crate::model::{ModuleSpec, TunnelEvent};
+use crate::vpod::status::Note;
+
+/// A message to a base task.
+#[derive(Debug)]
+pub enum BaseMsg {
+    /// Something the base said.
+    Event(TunnelEvent),
+    /// A pod bound to this base's VNode was added or changed.
+    PodUpsert(Arc<Pod>),
+    /// A pod bound to this base's VNode is gone (uid).
+    PodRemoved(String),
+    /// The complete set of pods bound to this VNode (after a watch (re)list).
+    PodsSynced(Vec<Arc<Pod>>),
+    /// HTTP tunnel: answer a base's queryBaseline.
+    Baseline(oneshot::Sender<Vec<ModuleSpec>>),
+    /// Owners with a rollout in progress (replaces the previous set).
+    Rollouts(Arc<HashSet<String>>),
+    /// Batch-policy holds for pods on this base (replaces the previous holds of those pods;
+    /// `None` releases a pod).
+    Holds(Vec<(String, Option<Note>)>),
+}

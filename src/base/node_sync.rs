@@ -1,0 +1,327 @@
+//! The VNode of one base: what the base says about itself (heartbeat, health, liveness) and
+//! which Node, Node status and Lease writes are due. Pure: the base task performs the writes
+//! and reports back what succeeded.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::model::{BaseHealth, BaseHeartbeat, BaseLifecycle};
+use crate::time::now_time;
+use crate::vnode::liveness::{Liveness, LivenessPolicy};
+use crate::vnode::shape::{self, NodeReadiness, NodeShapeInput};
+
+/// Node status is rewritten at least this often while nothing changes, as the kubelet does: the
+/// node lifecycle controller may overwrite the Ready condition, and nodes are not watched.
+const NODE_STATUS_REFRESH: Duration = Duration::from_secs(60);
+
+/// What a base task should do about its base's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep serving; `true` while the base is alive.
+    Serve(bool),
+    /// The base announced its shutdown: drain the VNode.
+    Drain,
+    /// The base stayed silent beyond the VNode TTL: remove the VNode.
+    Expire,
+}
+
+/// Writes due for the VNode.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeWrites {
+    /// Apply the Node's metadata and spec.
+    pub apply: Option<Node>,
+    /// Write the Node status (after a successful apply, when one is due).
+    pub status: Option<NodeStatus>,
+    /// Renew the Lease.
+    pub lease: bool,
+}
+
+/// A base's VNode state.
+#[derive(Debug)]
+pub struct NodeSync {
+    /// Latest heartbeat.
+    pub heartbeat: Option<BaseHeartbeat>,
+    /// Latest health report.
+    pub health: Option<BaseHealth>,
+    last_seen: Instant,
+    draining: bool,
+    liveness: Liveness,
+    ready_since: Time,
+    node_uid: Option<String>,
+    applied: Option<Node>,
+    status: Option<NodeStatus>,
+    status_at: Option<Instant>,
+    lease_at: Option<Instant>,
+}
+
+impl NodeSync {
+    /// A base first heard of (or adopted) at `now`.
+    pub fn new(now: Instant) -> Self {
+        NodeSync {
+            heartbeat: None,
+            health: None,
+            last_seen: now,
+            draining: false,
+            liveness: Liveness::Alive,
+            ready_since: now_time(),
+            node_uid: None,
+            applied: None,
+            status: None,
+            status_at: None,
+            lease_at: None,
+        }
+    }
+
+    /// The base said something: it is alive.
+    pub fn seen(&mut self, now: Instant) {
+        self.last_seen = now;
+    }
+
+    /// Whether the base was considered silent (or expired) until now.
+    pub fn was_silent(&self) -> bool {
+        self.liveness != Liveness::Alive
+    }
+
+    /// A heartbeat arrived; a `deactivated` one starts the drain.
+    pub fn on_heartbeat(&mut self, hb: BaseHeartbeat, now: Instant) {
+        self.seen(now);
+        if hb.lifecycle == BaseLifecycle::Deactivated {
+            self.draining = true;
+        }
+        self.heartbeat = Some(hb);
+    }
+
+    /// Decides the base's fate now; a liveness change is returned for the log.
+    pub fn assess(
+        &mut self,
+        policy: &LivenessPolicy,
+        now: Instant,
+    ) -> (Verdict, Option<(Liveness, Liveness)>) {
+        if self.draining {
+            return (Verdict::Drain, None);
+        }
+        let liveness = policy.assess(self.last_seen, now);
+        if liveness == Liveness::Expired {
+            return (Verdict::Expire, None);
+        }
+        let mut changed = None;
+        if liveness != self.liveness {
+            changed = Some((self.liveness, liveness));
+            self.liveness = liveness;
+            self.ready_since = now_time();
+        }
+        (Verdict::Serve(liveness == Liveness::Alive), changed)
+    }
+
+    /// The base's IP, the pods' podIP.
+    pub fn base_ip(&self) -> &str {
+        self.heartbeat
+            .as_ref()
+            .map(|h| h.local_ip.as_str())
+            .unwrap_or_default()
+    }
+
+    /// The writes due now.
+    pub fn due(
+        &self,
+        env: &str,
+        tunnel: &str,
+        env_taint: bool,
+        alive: bool,
+        now: Instant,
+        lease_every: Duration,
+    ) -> NodeWrites {
+        let Some(hb) = &self.heartbeat else {
+            // An adopted VNode whose base has not spoken since we started: only mark it NotReady.
+            let status = (!alive && self.status.is_none()).then(not_ready_minimal);
+            return NodeWrites {
+                status,
+                ..Default::default()
+            };
+        };
+        let input = NodeShapeInput {
+            heartbeat: hb,
+            health: self.health.as_ref(),
+            env,
+            tunnel,
+            env_taint,
+        };
+        let desired = shape::node(&input);
+        let apply = (self.node_uid.is_none()
+            || self.applied.as_ref().is_none_or(|n| {
+                n.metadata.labels != desired.metadata.labels
+                    || n.metadata.annotations != desired.metadata.annotations
+                    || n.spec != desired.spec
+            }))
+        .then_some(desired);
+        let readiness = if alive {
+            NodeReadiness::Ready
+        } else {
+            NodeReadiness::NotReady
+        };
+        let status = shape::status(&input, readiness, self.ready_since.clone(), now_time());
+        let stale = self
+            .status_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= NODE_STATUS_REFRESH);
+        let status = (apply.is_some()
+            || stale
+            || self
+                .status
+                .as_ref()
+                .is_none_or(|w| shape::status_differs(w, &status)))
+        .then_some(status);
+        let lease = alive
+            && self
+                .lease_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= lease_every);
+        NodeWrites {
+            apply,
+            status,
+            lease,
+        }
+    }
+
+    /// Whether the Node was ever applied by this task.
+    pub fn applied_once(&self) -> bool {
+        self.applied.is_some()
+    }
+
+    /// The uid of the Node, once applied.
+    pub fn node_uid(&self) -> Option<&str> {
+        self.node_uid.as_deref()
+    }
+
+    /// The Node was applied.
+    pub fn node_applied(&mut self, node: Node, uid: Option<String>) {
+        self.node_uid = uid;
+        self.applied = Some(node);
+        self.status = None;
+    }
+
+    /// The Node status was written.
+    pub fn status_written(&mut self, status: NodeStatus, now: Instant) {
+        self.status = Some(status);
+        self.status_at = Some(now);
+    }
+
+    /// The Node is gone (deleted by someone else): apply it again.
+    pub fn node_missing(&mut self) {
+        self.node_uid = None;
+    }
+
+    /// The Lease was renewed.
+    pub fn lease_renewed(&mut self, now: Instant) {
+        self.lease_at = Some(now);
+    }
+}
+
+fn not_ready_minimal() -> NodeStatus {
+    NodeStatus {
+        conditions: Some(vec![NodeCondition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: Some("BaseUnreachable".into()),
+            message: Some("base has not sent a heartbeat since the controller started".into()),
+            last_heartbeat_time: Some(now_time()),
+            last_transition_time: Some(now_time()),
+        }]),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BaseMetadata;
+
+    fn hb(lifecycle: BaseLifecycle) -> BaseHeartbeat {
+        BaseHeartbeat {
+            metadata: BaseMetadata {
+                identity: "b1".into(),
+                name: "base".into(),
+                version: "1.0.0".into(),
+                cluster_name: "c".into(),
+            },
+            local_ip: "10.0.0.1".into(),
+            local_host_name: "b1".into(),
+            port: None,
+            lifecycle,
+        }
+    }
+
+    const POLICY: LivenessPolicy = LivenessPolicy {
+        timeout: Duration::from_secs(3),
+        ttl: Duration::from_secs(60),
+    };
+    const LEASE: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_new_base_applies_writes_status_and_renews_then_nothing_until_due() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
+        let w = n.due("dev", "mqtt", true, true, t0, LEASE);
+        let node = w.apply.clone().expect("apply");
+        assert!(w.status.is_some() && w.lease);
+        n.node_applied(node, Some("uid".into()));
+        n.status_written(w.status.expect("status"), t0);
+        n.lease_renewed(t0);
+        let w = n.due(
+            "dev",
+            "mqtt",
+            true,
+            true,
+            t0 + Duration::from_millis(500),
+            LEASE,
+        );
+        assert_eq!(w, NodeWrites::default(), "nothing changed, nothing due");
+        let w = n.due("dev", "mqtt", true, true, t0 + LEASE, LEASE);
+        assert!(w.lease && w.apply.is_none() && w.status.is_none());
+    }
+
+    #[test]
+    fn silence_makes_the_node_not_ready_and_stops_the_lease() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
+        let w = n.due("dev", "mqtt", true, true, t0, LEASE);
+        n.node_applied(w.apply.expect("apply"), Some("uid".into()));
+        n.status_written(w.status.expect("status"), t0);
+        let later = t0 + Duration::from_secs(4);
+        let (v, changed) = n.assess(&POLICY, later);
+        assert_eq!(v, Verdict::Serve(false));
+        assert_eq!(changed, Some((Liveness::Alive, Liveness::Silent)));
+        let w = n.due("dev", "mqtt", true, false, later, LEASE);
+        assert!(!w.lease);
+        let st = w.status.expect("status changes");
+        let ready = st.conditions.expect("conditions");
+        assert_eq!(ready[0].status, "False");
+        assert_eq!(
+            n.assess(&POLICY, t0 + Duration::from_secs(61)).0,
+            Verdict::Expire
+        );
+    }
+
+    #[test]
+    fn a_deactivated_heartbeat_drains() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        n.on_heartbeat(hb(BaseLifecycle::Deactivated), t0);
+        assert_eq!(n.assess(&POLICY, t0).0, Verdict::Drain);
+    }
+
+    #[test]
+    fn an_adopted_node_without_heartbeat_is_only_marked_not_ready_once() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        let w = n.due("dev", "mqtt", true, false, t0, LEASE);
+        assert!(w.apply.is_none() && !w.lease);
+        n.status_written(w.status.expect("minimal status"), t0);
+        assert_eq!(
+            n.due("dev", "mqtt", true, false, t0, LEASE),
+            NodeWrites::default()
+        );
+    }
+}

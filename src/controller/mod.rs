@@ -1,0 +1,519 @@
+//! The controller: tunnels and watches feed the index and the base tasks. This module only
+//! wires them and runs the loop that moves messages between them; every decision is made in
+//! the index ([`index`]), the gates ([`gates`]) or a base task ([`crate::base`]).
+
+mod faults;
+pub mod gates;
+pub mod index;
+mod tasks;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api as KubeApi;
+use kube::runtime::watcher;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::apiserver::Api;
+use crate::apiserver::watch::{self as watches, WatchHealth};
+use crate::base::{ActorSettings, BaseMsg, StatusOrder};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::model::{BaseEvent, BaseLifecycle, BaseMetadata, ModuleSpec, TunnelEvent};
+use crate::rollout::PolicySource;
+use crate::tunnel::Tunnel;
+use crate::tunnel::arklet_codec::ArkletCodec;
+use crate::tunnel::codec::CodecSet;
+use crate::tunnel::http::{BaselineProvider, HttpTunnel};
+use crate::tunnel::mqtt::MqttTunnel;
+use crate::vnode::liveness::LivenessPolicy;
+use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL, IDENTITY_ANNOTATION, TUNNEL_LABEL};
+use index::{Index, POD_STREAMS, pod_selector};
+use tasks::{Exit, TaskDeps, Tasks};
+
+pub use faults::report_plugin_faults;
+
+/// How often base tasks reconcile without news, and batch gates are re-evaluated.
+const TICK: Duration = Duration::from_millis(500);
+/// Longest wait for a base task to answer an HTTP base's queryBaseline.
+const BASELINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an Arklet HTTP call may take.
+const HTTP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events from all tunnels waiting for the loop.
+const EVENT_QUEUE: usize = 8192;
+
+/// Counters of the controller loop.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerMetrics {
+    /// Bases with a running task.
+    pub bases: Gauge,
+    /// Base tasks ended (drained, expired).
+    pub task_exits: Counter,
+    /// Pod watch events processed.
+    pub pod_events: Counter,
+}
+
+impl ControllerMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ControllerMetrics::default();
+        registry.register("bases", "Bases with a running task", m.bases.clone());
+        registry.register(
+            "base_actor_exits",
+            "Base tasks ended (drained, expired)",
+            m.task_exits.clone(),
+        );
+        registry.register(
+            "pod_watch_events",
+            "Pod watch events processed",
+            m.pod_events.clone(),
+        );
+        m
+    }
+}
+
+/// What the controller needs besides its settings.
+pub struct ControllerDeps {
+    client: kube::Client,
+    policies: Arc<dyn PolicySource>,
+    codecs: watch::Receiver<CodecSet>,
+    metrics: Arc<Metrics>,
+    order: StatusOrder,
+}
+
+impl ControllerDeps {
+    /// The Kubernetes client, the rules (built-in or plugins), the plugin tunnel adapters (see
+    /// [`no_plugin_codecs`]) and the metrics to count into.
+    pub fn new(
+        client: kube::Client,
+        policies: Arc<dyn PolicySource>,
+        codecs: watch::Receiver<CodecSet>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ControllerDeps {
+            client,
+            policies,
+            codecs,
+            metrics,
+            order: StatusOrder::Lossless,
+        }
+    }
+
+    /// Writes Ready before NotReady and keeps no hand-over: the loss the product prevents, for
+    /// tests that must show it.
+    #[cfg(feature = "test-switches")]
+    pub fn unsafe_status_order(mut self) -> Self {
+        self.order = StatusOrder::UnsafeReadyFirst;
+        self
+    }
+}
+
+/// A running controller.
+pub struct ControllerHandle {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Where the HTTP tunnel listens, when enabled.
+    pub http_addr: Option<SocketAddr>,
+    /// Health of the watches (`/readyz`).
+    pub health: Health,
+    /// The instance's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The instance's apiserver writer (shares its write limits).
+    pub api: Api,
+}
+
+/// What `/readyz` reports.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    /// The watches.
+    pub watches: WatchHealth,
+}
+
+impl Health {
+    /// `None` when ready, else why not.
+    pub fn problem(&self) -> Option<String> {
+        self.watches.problem()
+    }
+
+    /// Ready to serve: every watch listed and none failing.
+    pub fn is_ready(&self) -> bool {
+        self.problem().is_none()
+    }
+}
+
+impl ControllerHandle {
+    /// Stops the controller and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.task.await.context("controller task panicked")?
+    }
+
+    /// Waits until the controller ends on its own (error) or is cancelled.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("controller task panicked")?
+    }
+
+    /// A token that stops the controller when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+/// An empty plugin codec set, for running without plugins.
+pub fn no_plugin_codecs() -> watch::Receiver<CodecSet> {
+    let (tx, rx) = watch::channel::<CodecSet>(Arc::new(Vec::new()));
+    // Keep the sender alive for the process so receivers never see a closed channel.
+    std::mem::forget(tx);
+    rx
+}
+
+struct BaselineRequest {
+    metadata: BaseMetadata,
+    reply: oneshot::Sender<Vec<ModuleSpec>>,
+}
+
+struct ChannelBaseline(mpsc::Sender<BaselineRequest>);
+
+impl BaselineProvider for ChannelBaseline {
+    fn baseline<'a>(&'a self, metadata: &'a BaseMetadata) -> BoxFuture<'a, Vec<ModuleSpec>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let req = BaselineRequest {
+                metadata: metadata.clone(),
+                reply: tx,
+            };
+            if self.0.send(req).await.is_err() {
+                return Vec::new();
+            }
+            tokio::time::timeout(BASELINE_TIMEOUT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// Starts the controller in the background.
+pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<ControllerHandle> {
+    let cancel = CancellationToken::new();
+    let metrics = deps.metrics.clone();
+    let api = Api::new(
+        deps.client.clone(),
+        settings.workers,
+        &settings.client_id,
+        metrics.api.clone(),
+    );
+    let (event_tx, event_rx) = mpsc::channel::<(String, BaseEvent)>(EVENT_QUEUE);
+    let (baseline_tx, baseline_rx) = mpsc::channel::<BaselineRequest>(256);
+    let mut tunnels: HashMap<String, Arc<dyn Tunnel>> = HashMap::new();
+    let mut http_addr = None;
+
+    if let Some(m) = &settings.mqtt {
+        let (tx, rx) = mpsc::channel::<BaseEvent>(EVENT_QUEUE);
+        let t = MqttTunnel::start(
+            m,
+            Arc::new(ArkletCodec::new(&settings.env)),
+            deps.codecs.clone(),
+            tx,
+            metrics.mqtt.clone(),
+        )
+        .with_context(|| format!("starting the MQTT tunnel to {}:{}", m.host, m.port))?;
+        forward(rx, "mqtt", event_tx.clone());
+        tunnels.insert("mqtt".into(), Arc::new(t));
+        info!(broker = %format!("{}:{}", m.host, m.port), "MQTT tunnel started");
+    }
+    if let Some(port) = settings.http_port {
+        let (tx, rx) = mpsc::channel::<BaseEvent>(EVENT_QUEUE);
+        let t = HttpTunnel::start(
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            tx,
+            Arc::new(ChannelBaseline(baseline_tx.clone())),
+            HTTP_CALL_TIMEOUT,
+            metrics.http.clone(),
+        )
+        .await
+        .with_context(|| format!("starting the HTTP tunnel on port {port}"))?;
+        http_addr = Some(t.local_addr());
+        forward(rx, "http", event_tx.clone());
+        tunnels.insert("http".into(), Arc::new(t));
+    }
+
+    let health = Health::default();
+    if settings.replicas_sync {
+        info!("peer deployments follow their Ready bases (ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE)");
+        tokio::spawn(crate::peer::run(
+            api.clone(),
+            settings.env.clone(),
+            metrics.peer.clone(),
+            (health.watches.clone(), metrics.watches.clone()),
+            cancel.child_token(),
+        ));
+    }
+    let actor_settings = Arc::new(ActorSettings {
+        env: settings.env.clone(),
+        env_taint: settings.env_taint,
+        liveness: LivenessPolicy {
+            timeout: settings.liveness_timeout,
+            ttl: settings.vnode_ttl,
+        },
+        lease_renew: (settings.liveness_timeout / 3)
+            .clamp(Duration::from_millis(500), Duration::from_secs(10)),
+        resync: settings.resync,
+        command_timeout: settings.command_timeout,
+        tick: TICK,
+        retention_timeout: settings.retention_timeout,
+        order: deps.order,
+    });
+    let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+    let tasks = Tasks::new(
+        TaskDeps {
+            api: api.clone(),
+            policies: deps.policies.clone(),
+            settings: actor_settings,
+            tunnels,
+            base_metrics: metrics.bases.clone(),
+            metrics: metrics.controller.clone(),
+        },
+        exit_tx,
+    );
+    let pods: KubeApi<Pod> = KubeApi::all(deps.client.clone());
+    // Unbound pods too: a rollout is visible before its new pods are scheduled.
+    let pod_rx: Vec<mpsc::Receiver<watcher::Event<Pod>>> = (0..POD_STREAMS)
+        .map(|i| {
+            watches::spawn(
+                &format!("pods[{}]", pod_selector(i)),
+                pods.clone(),
+                watcher::Config::default().labels(&pod_selector(i)),
+                health.watches.clone(),
+                metrics.watches.clone(),
+                cancel.child_token(),
+            )
+        })
+        .collect();
+    let deploy_rx = watches::spawn(
+        "deployments",
+        KubeApi::<Deployment>::all(deps.client.clone()),
+        watcher::Config::default(),
+        health.watches.clone(),
+        metrics.watches.clone(),
+        cancel.child_token(),
+    );
+    let core = Loop {
+        env: settings.env.clone(),
+        index: Index::new(&settings.env, deps.policies),
+        tasks,
+        metrics: metrics.clone(),
+    };
+    let c = cancel.clone();
+    let loop_api = api.clone();
+    let task = tokio::spawn(async move {
+        core.run(
+            loop_api,
+            Inputs {
+                events: event_rx,
+                baselines: baseline_rx,
+                exits: exit_rx,
+                pods: pod_rx,
+                deployments: deploy_rx,
+            },
+            c,
+        )
+        .await
+    });
+    Ok(ControllerHandle {
+        cancel,
+        task,
+        http_addr,
+        health,
+        metrics,
+        api,
+    })
+}
+
+fn forward(
+    mut rx: mpsc::Receiver<BaseEvent>,
+    tunnel: &'static str,
+    tx: mpsc::Sender<(String, BaseEvent)>,
+) {
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if tx.send((tunnel.to_string(), ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+struct Inputs {
+    events: mpsc::Receiver<(String, BaseEvent)>,
+    baselines: mpsc::Receiver<BaselineRequest>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    pods: Vec<mpsc::Receiver<watcher::Event<Pod>>>,
+    deployments: mpsc::Receiver<watcher::Event<Deployment>>,
+}
+
+/// The loop: never waits on anything but its inputs.
+struct Loop {
+    env: String,
+    index: Index,
+    tasks: Tasks,
+    metrics: Arc<Metrics>,
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        api: Api,
+        mut inp: Inputs,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.adopt_existing_vnodes(&api).await;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pods = futures::stream::select_all(
+            inp.pods
+                .drain(..)
+                .enumerate()
+                .map(|(i, rx)| futures::StreamExt::map(tokio_stream_from(rx), move |e| (i, e))),
+        );
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some((tunnel, ev)) = inp.events.recv() => self.on_base_event(&tunnel, ev),
+                Some(req) = inp.baselines.recv() => self.on_baseline_request(req),
+                Some((base, generation, exit)) = inp.exits.recv() => self.tasks.on_exit(&base, generation, exit),
+                Some((stream, ev)) = futures::StreamExt::next(&mut pods) => {
+                    self.metrics.controller.pod_events.inc();
+                    let out = self.index.on_pod_event(stream, ev, Instant::now());
+                    self.tasks.deliver(out, &self.index);
+                }
+                Some(ev) = inp.deployments.recv() => {
+                    let out = self.index.on_deployment_event(ev, Instant::now());
+                    self.tasks.deliver(out, &self.index);
+                }
+                _ = tick.tick() => {
+                    let out = self.index.recheck(Instant::now());
+                    self.tasks.deliver(out, &self.index);
+                }
+            }
+        }
+        info!("controller stopping");
+        self.tasks.clear();
+        for t in self.tasks.tunnels() {
+            t.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Starts tasks for VNodes of this env that exist already, so that a restart neither loses
+    /// track of silent bases nor re-creates anything.
+    async fn adopt_existing_vnodes(&mut self, api: &Api) {
+        let selector = format!("{COMPONENT_LABEL}=vnode,{ENV_LABEL}={}", self.env);
+        match api.list_nodes(&selector).await {
+            Ok(nodes) => {
+                for n in nodes {
+                    let Some(name) = n.metadata.name.as_deref() else {
+                        continue;
+                    };
+                    let Some(short) = shape::base_id_of(name, &self.env) else {
+                        continue;
+                    };
+                    // The exact identity (a mapped one differs from the name's part).
+                    let id = n
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(IDENTITY_ANNOTATION))
+                        .cloned()
+                        .unwrap_or(short);
+                    if shape::node_name(&id, &self.env) != name {
+                        warn!(node = name, identity = %id, "VNode name does not match its base identity; not adopted");
+                        continue;
+                    }
+                    let tunnel = n
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(TUNNEL_LABEL))
+                        .map(String::as_str);
+                    info!(base = %id, node = name, "adopting existing VNode");
+                    let tunnel = if tunnel == Some("http") {
+                        "http"
+                    } else {
+                        "mqtt"
+                    };
+                    let boot = self.index.bootstrap(name);
+                    self.tasks.spawn(&id, tunnel, boot);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "listing existing VNodes failed; they are adopted when their bases speak")
+            }
+        }
+    }
+
+    fn on_base_event(&mut self, tunnel: &str, ev: BaseEvent) {
+        let node = shape::node_name(&ev.base_id, &self.env);
+        if !self.tasks.contains(&node) {
+            let creates = matches!(
+                &ev.event,
+                TunnelEvent::Heartbeat(h) if h.lifecycle == BaseLifecycle::Activated
+            ) || matches!(&ev.event, TunnelEvent::QueryBaseline(_));
+            if !creates {
+                self.count_unknown(tunnel);
+                debug!(base = %ev.base_id, "event from a base without a VNode; dropped");
+                return;
+            }
+            info!(base = %ev.base_id, %node, tunnel, "new base");
+            let boot = self.index.bootstrap(&node);
+            if !self.tasks.spawn(&ev.base_id, tunnel, boot) {
+                return;
+            }
+        }
+        self.tasks.send(&node, BaseMsg::Event(ev.event));
+    }
+
+    fn count_unknown(&self, tunnel: &str) {
+        match tunnel {
+            "http" => self.metrics.http.count_received("unknown_base"),
+            _ => self.metrics.mqtt.count_received("unknown_base"),
+        }
+    }
+
+    fn on_baseline_request(&mut self, req: BaselineRequest) {
+        let id = req.metadata.identity.clone();
+        if id.is_empty() {
+            let _ = req.reply.send(Vec::new());
+            return;
+        }
+        let node = shape::node_name(&id, &self.env);
+        if !self.tasks.contains(&node) {
+            let boot = self.index.bootstrap(&node);
+            if !self.tasks.spawn(&id, "http", boot) {
+                let _ = req.reply.send(Vec::new());
+                return;
+            }
+        }
+        self.tasks.send(&node, BaseMsg::Baseline(req.reply));
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> futures::stream::BoxStream<'static, T> {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|v| (v, rx))
+    }))
+}

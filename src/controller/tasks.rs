@@ -1,0 +1,160 @@
+//! The base tasks: one per base, started when a base first speaks (or its VNode is adopted),
+//! ended when it drains or expires. Delivers what the index and the tunnels have for them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::apiserver::Api;
+use crate::base::{ActorExit, ActorSettings, BaseActor, BaseMetrics, BaseMsg};
+use crate::controller::ControllerMetrics;
+use crate::controller::index::{Index, Out};
+use crate::rollout::PolicySource;
+use crate::tunnel::Tunnel;
+use crate::vnode::shape;
+
+/// A task that ended: (VNode name, generation, why).
+pub type Exit = (String, u64, ActorExit);
+
+struct Entry {
+    tx: mpsc::UnboundedSender<BaseMsg>,
+    generation: u64,
+}
+
+/// What every task is started with.
+pub struct TaskDeps {
+    /// Apiserver writes.
+    pub api: Api,
+    /// Ordering and batch rules.
+    pub policies: Arc<dyn PolicySource>,
+    /// Shared task settings.
+    pub settings: Arc<ActorSettings>,
+    /// Tunnels by name.
+    pub tunnels: HashMap<String, Arc<dyn Tunnel>>,
+    /// Counters of the tasks.
+    pub base_metrics: BaseMetrics,
+    /// Counters of the controller.
+    pub metrics: ControllerMetrics,
+}
+
+/// The running base tasks, by VNode name.
+pub struct Tasks {
+    deps: TaskDeps,
+    tasks: HashMap<String, Entry>,
+    generation: u64,
+    exits: mpsc::UnboundedSender<Exit>,
+}
+
+impl Tasks {
+    /// No tasks yet; ended tasks report on `exits`.
+    pub fn new(deps: TaskDeps, exits: mpsc::UnboundedSender<Exit>) -> Self {
+        Tasks {
+            deps,
+            tasks: HashMap::new(),
+            generation: 0,
+            exits,
+        }
+    }
+
+    /// Whether a task runs for VNode `node`.
+    pub fn contains(&self, node: &str) -> bool {
+        self.tasks.contains_key(node)
+    }
+
+    /// The tunnels.
+    pub fn tunnels(&self) -> impl Iterator<Item = &Arc<dyn Tunnel>> {
+        self.deps.tunnels.values()
+    }
+
+    /// Starts the task of base `base_id` on `tunnel`, telling it `bootstrap` first. False
+    /// when no tunnel runs.
+    pub fn spawn(&mut self, base_id: &str, tunnel: &str, bootstrap: Vec<BaseMsg>) -> bool {
+        let node = shape::node_name(base_id, &self.deps.settings.env);
+        let Some(t) = self
+            .deps
+            .tunnels
+            .get(tunnel)
+            .or_else(|| self.deps.tunnels.values().next())
+            .cloned()
+        else {
+            return false;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.generation += 1;
+        let generation = self.generation;
+        let actor = BaseActor::new(
+            base_id,
+            self.deps.settings.clone(),
+            self.deps.api.clone(),
+            t,
+            self.deps.policies.clone(),
+            self.deps.base_metrics.clone(),
+        );
+        let exits = self.exits.clone();
+        let span = info_span!("base", id = %base_id);
+        let key = node.clone();
+        tokio::spawn(
+            async move {
+                let exit = actor.run(rx).await;
+                let _ = exits.send((key, generation, exit));
+            }
+            .instrument(span),
+        );
+        for m in bootstrap {
+            let _ = tx.send(m);
+        }
+        self.deps.metrics.bases.inc();
+        self.tasks.insert(node, Entry { tx, generation });
+        true
+    }
+
+    /// Sends `msg` to the task of VNode `node`, if it runs.
+    pub fn send(&self, node: &str, msg: BaseMsg) {
+        if let Some(t) = self.tasks.get(node) {
+            let _ = t.tx.send(msg);
+        }
+    }
+
+    /// Delivers what the index produced.
+    pub fn deliver(&self, outs: Vec<Out>, index: &Index) {
+        for out in outs {
+            match out {
+                Out::Base(node, msg) => self.send(&node, msg),
+                Out::Rollouts(r) => {
+                    for t in self.tasks.values() {
+                        let _ = t.tx.send(BaseMsg::Rollouts(r.clone()));
+                    }
+                }
+                Out::Resynced => {
+                    for (node, t) in &self.tasks {
+                        let pods = index.pods_on(node);
+                        let _ = t.tx.send(BaseMsg::PodsSynced(pods));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A task ended; forgets it unless a newer task for the same base already runs.
+    pub fn on_exit(&mut self, node: &str, generation: u64, exit: ActorExit) {
+        info!(node, ?exit, "base task ended");
+        self.deps.metrics.task_exits.inc();
+        if self
+            .tasks
+            .get(node)
+            .is_some_and(|a| a.generation == generation)
+        {
+            self.tasks.remove(node);
+            self.deps.metrics.bases.dec();
+        } else {
+            debug!(node, "an older task of the base ended");
+        }
+    }
+
+    /// Stops every task (their channels close).
+    pub fn clear(&mut self) {
+        self.tasks.clear();
+    }
+}

@@ -13,25 +13,12 @@ use module_controller::plugin::{PluginHost, PluginKind, PluginMetrics, PluginPol
 use module_controller::rollout::PolicySource;
 use module_controller::rollout::batch::{PendingInstall, RolloutView, decide_with};
 use module_controller::rollout::ordering::{
-    OrderingError, StatusChange, default_waves, enforce_invariant, order_with,
+    OrderingError, default_waves, enforce_invariant, order_with,
 };
-use plugin_support::{PluginDir, drain, sample, scrape, wait_for};
+use plugin_support::{PluginDir, drain, sample, scrape, status_changes, wait_for};
 use serde_json::json;
 
 const MIB: usize = 1 << 20;
-
-fn changes(n: u32) -> Vec<StatusChange> {
-    (0..n)
-        .map(|i| StatusChange {
-            pod_index: i,
-            creation_ts: 100 + i64::from(i % 5),
-            revision: i64::from(i % 2),
-            from_ready: i % 3 == 0,
-            to_ready: i % 2 == 1,
-            deleting: false,
-        })
-        .collect()
-}
 
 /// A host serving `fixture` as its ordering rule, with the given memory cap and metrics.
 async fn host_with_ordering(
@@ -65,7 +52,7 @@ async fn assert_contained(fixture: &str, reason: &str) -> PluginHost {
     let (registry, metrics) = plugin_support::metrics();
     let host = host_with_ordering(&d, fixture, 16 * MIB, metrics).await;
     let mut faults = host.faults();
-    let c = changes(20);
+    let c = status_changes(20);
     for _ in 0..3 {
         let rule = host.ordering_rule();
         let c2 = c.clone();
@@ -140,7 +127,7 @@ async fn non_permutation_is_refused() {
         PluginMetrics::default(),
     )
     .await;
-    let c = changes(20);
+    let c = status_changes(20);
     let own = host.ordering_rule().order(&c).expect("a permutation");
     let (waves, err) = order_with(host.ordering_rule().as_ref(), &c);
     assert!(err.is_none(), "{err:?}");
@@ -165,7 +152,7 @@ async fn unbounded_allocation_hits_the_instance_memory_cap() {
         let host =
             host_with_ordering(&d, "fixture-alloc-unbounded", cap, PluginMetrics::default()).await;
         let mut faults = host.faults();
-        let (_, err) = order_with(host.ordering_rule().as_ref(), &changes(4));
+        let (_, err) = order_with(host.ordering_rule().as_ref(), &status_changes(4));
         assert!(
             matches!(&err, Some(OrderingError::RuleFailed(m)) if m.starts_with(reasons::OUT_OF_MEMORY)),
             "cap {cap}: {err:?}"

@@ -11,10 +11,8 @@ mod plugin_support;
 use std::time::{Duration, Instant};
 
 use module_controller::plugin::{PluginHost, reasons};
-use module_controller::rollout::ordering::{
-    OrderingError, StatusChange, default_waves, order_with,
-};
-use plugin_support::{PluginDir, drain};
+use module_controller::rollout::ordering::{OrderingError, default_waves, order_with};
+use plugin_support::{PluginDir, drain, status_changes};
 use serde_json::json;
 
 /// One test at a time: a test that loads the machine must not starve another's timing.
@@ -32,19 +30,6 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn changes(n: u32) -> Vec<StatusChange> {
-    (0..n)
-        .map(|i| StatusChange {
-            pod_index: i,
-            creation_ts: 100 + i64::from(i % 5),
-            revision: i64::from(i % 2),
-            from_ready: i % 3 == 0,
-            to_ready: i % 2 == 1,
-            deleting: false,
-        })
-        .collect()
-}
-
 async fn looping_host(d: &PluginDir, budget: Duration) -> PluginHost {
     d.install(plugin_support::dist(), "fixture-loop-forever", "rule.wasm");
     d.manifest(&json!({"plugins": {"rule": {"file": "rule.wasm"}}, "ordering": "rule"}));
@@ -58,7 +43,7 @@ async fn looping_host(d: &PluginDir, budget: Duration) -> PluginHost {
 /// One call of the looping rule on the host's pool: (CPU time, wall time, outcome).
 async fn timed_call(host: &PluginHost) -> (Duration, Duration, Option<OrderingError>) {
     let rule = host.ordering_rule();
-    let c = changes(20);
+    let c = status_changes(20);
     host.pool()
         .run(move || {
             let (start, cpu_start) = (Instant::now(), thread_cpu());
@@ -121,7 +106,7 @@ async fn many_concurrent_endless_loops_do_not_hurt_the_host() {
     let _serial = SERIAL.lock().await;
     let d = PluginDir::new();
     let host = looping_host(&d, Duration::from_millis(50)).await;
-    let c = changes(10);
+    let c = status_changes(10);
     let start = Instant::now();
     let calls: Vec<_> = (0..20)
         .map(|_| {

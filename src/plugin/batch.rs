@@ -35,11 +35,6 @@ impl WasmBatch {
         }
     }
 
-    /// The loaded version this wrapper calls.
-    pub(crate) fn version(&self) -> &Arc<PluginVersion> {
-        &self.version
-    }
-
     fn fail(&self, owner: &str, reason: &str, message: String) -> String {
         let name = &self.version.name;
         self.reporter

@@ -68,7 +68,7 @@ struct Refused {
 /// What became of one plugin entry in a rescan.
 enum Outcome {
     /// A new version, validated.
-    Loaded(PluginVersion),
+    Loaded(Box<PluginVersion>),
     /// Refused now, with this error.
     Refused(String),
     /// Refused before for the same content and settings: not retried, not re-reported.
@@ -381,7 +381,7 @@ impl Inner {
                                 expected,
                             };
                             match loader::load(&self.rt, req) {
-                                Ok(v) => Outcome::Loaded(v),
+                                Ok(v) => Outcome::Loaded(Box::new(v)),
                                 Err(e) => Outcome::Refused(e.to_string()),
                             }
                         }
@@ -417,7 +417,7 @@ impl Inner {
                         load_ms = v.load_time.as_millis() as u64,
                         "plugin version loaded"
                     );
-                    versions.insert(name.clone(), Arc::new(v));
+                    versions.insert(name.clone(), Arc::from(v));
                     continue;
                 }
                 Outcome::StillRefused(r) => {

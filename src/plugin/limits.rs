@@ -53,7 +53,8 @@ impl MemoryLimiter {
     }
 
     /// Accounts one memory or table going from `current` to `desired` bytes. Growth that
-    /// later fails for another reason stays counted: conservative, and such a call fails anyway.
+    /// wasmtime then fails for another reason stays counted: conservative, it can only make the
+    /// cap bite earlier.
     fn grow(&mut self, what: &str, current: usize, desired: usize) -> wasmtime::Result<bool> {
         let next = self.used.saturating_sub(current).saturating_add(desired);
         if next > self.limit {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -89,52 +89,56 @@ impl PluginMetrics {
         // Series without a per-plugin label exist from the first scrape, at zero, so
         // dashboards and alerts see them before anything happened.
         for kind in PluginKind::ALL {
-            m.loaded.get_or_create(&kind_labels(kind));
+            m.loaded.get_or_create(&kind_labels(kind)).set(0);
+            drop(m.latency.get_or_create(&kind_labels(kind)));
         }
         for result in ["ok", "failed"] {
-            m.reloads.get_or_create(&ResultLabels {
-                result: result.to_string(),
-            });
+            m.reloads
+                .get_or_create(&ResultLabels {
+                    result: result.to_string(),
+                })
+                .inc_by(0);
         }
         for op in ["read", "write"] {
             m.cache_errors
-                .get_or_create(&OpLabels { op: op.to_string() });
+                .get_or_create(&OpLabels { op: op.to_string() })
+                .inc_by(0);
         }
-        registry.register("plugin_calls", "Plugin hook calls", m.calls.clone());
+        registry.register("plugin_calls", "Plugin hook calls", Listed(m.calls.clone()));
         registry.register(
             "plugin_failures",
             "Plugin hook calls and loads that failed, by reason",
-            m.failures.clone(),
+            Listed(m.failures.clone()),
         );
         registry.register(
             "plugin_call_duration_seconds",
             "Latency of plugin hook calls, including instantiation",
-            m.latency.clone(),
+            Listed(m.latency.clone()),
         );
         registry.register(
             "plugin_reloads",
             "Plugin versions compiled and validated (ok) or refused (failed)",
-            m.reloads.clone(),
+            Listed(m.reloads.clone()),
         );
         registry.register(
             "plugins_loaded",
             "Plugins currently loaded",
-            m.loaded.clone(),
+            Listed(m.loaded.clone()),
         );
         registry.register(
             "plugin_pool_overloaded",
             "Plugin calls refused because the plugin call queue was full",
-            m.pool_overloaded.clone(),
+            Listed(m.pool_overloaded.clone()),
         );
         registry.register(
             "plugin_pool_queued",
             "Plugin calls waiting for a pool worker",
-            m.pool_queued.clone(),
+            Listed(m.pool_queued.clone()),
         );
         registry.register(
             "plugin_cache_errors",
             "Precompiled-artefact cache reads and writes that failed (loading goes on without the cache)",
-            m.cache_errors.clone(),
+            Listed(m.cache_errors.clone()),
         );
         m
     }
@@ -194,6 +198,25 @@ impl PluginMetrics {
         self.cache_errors
             .get_or_create(&OpLabels { op: op.to_string() })
             .inc();
+    }
+}
+
+/// A family that is listed (HELP and TYPE) even before it has a series: the text encoder omits
+/// empty families, and a family keyed by plugin name is empty until a plugin is called.
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use module_controller::plugin::{PluginConfig, PluginFault, PluginMetrics};
+use module_controller::rollout::ordering::StatusChange;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 
@@ -58,6 +59,20 @@ fn build() -> Result<PathBuf, String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
+}
+
+/// `n` varied status changes (mixed readiness, two revisions, creation times in 5 buckets).
+pub fn status_changes(n: u32) -> Vec<StatusChange> {
+    (0..n)
+        .map(|i| StatusChange {
+            pod_index: i,
+            creation_ts: 100 + i64::from(i % 5),
+            revision: i64::from(i % 2),
+            from_ready: i % 3 == 0,
+            to_ready: i % 2 == 1,
+            deleting: false,
+        })
+        .collect()
 }
 
 /// A registry like the controller's (prefix `module_controller`) with the plugin metrics in it.

@@ -4,7 +4,6 @@
 mod plugin_support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use module_controller::model::{BaseCommand, BizState, ModuleSpec, TunnelEvent};
 use module_controller::plugin::cli::{PluginCommand, run_to};
@@ -39,7 +38,7 @@ fn changes(n: usize, seed: u64) -> Vec<StatusChange> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_plugin_decides_like_the_builtin() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     d.install(dist, "default-ordering", "ordering.wasm");
     d.manifest(&json!({"plugins": {"ord": {"file": "ordering.wasm"}}, "ordering": "ord"}));
@@ -48,6 +47,15 @@ async fn ordering_plugin_decides_like_the_builtin() {
 
     let rule = host.ordering_rule();
     assert_eq!(rule.name(), "ord");
+    // As the controller calls it: on the host's pool.
+    let (r, c) = (rule.clone(), changes(100, 7));
+    let (waves, err) = host
+        .pool()
+        .run(move || order_with(r.as_ref(), &c))
+        .await
+        .expect("pool runs the call");
+    assert!(err.is_none());
+    assert_eq!(waves, default_waves(&changes(100, 7)));
     for (n, seed) in [(1, 1), (2, 2), (10, 3), (100, 4), (1000, 5)] {
         let c = changes(n, seed);
         let got = rule.order(&c).expect("plugin orders");
@@ -75,7 +83,6 @@ async fn ordering_plugin_decides_like_the_builtin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_manifest_means_builtins() {
-    let _dist = require_plugins!();
     let d = PluginDir::new();
     let host = PluginHost::start(d.config()).await.expect("host starts");
     assert_eq!(host.ordering_rule().name(), "builtin-default");
@@ -130,7 +137,7 @@ fn pending(n: usize) -> Vec<PendingInstall> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_batch_policy_paces_a_rollout() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     d.install(dist, "canary-batch", "canary.wasm");
     d.manifest(&json!({
@@ -199,7 +206,7 @@ async fn canary_batch_policy_paces_a_rollout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_policy_selection_by_annotation_and_default() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     d.install(dist, "canary-batch", "canary.wasm");
     d.manifest(&json!({
@@ -225,7 +232,7 @@ async fn batch_policy_selection_by_annotation_and_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_adapter_translates_both_ways() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     d.install(dist, "simple-agent-adapter", "agent.wasm");
     d.manifest(&json!({
@@ -304,14 +311,16 @@ async fn tunnel_adapter_translates_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_and_api_version_refusals_are_clear() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     d.install(dist, "fixture-imports-sockets", "sockets.wasm");
     d.install(dist, "fixture-old-api", "old.wasm");
     d.install(dist, "canary-batch", "canary.wasm");
+    d.install(dist, "default-ordering", "good.wasm");
     d.write("garbage.wasm", b"\0asm not really");
     d.manifest(&json!({
         "plugins": {
+            "good": {"file": "good.wasm"},
             "sockets": {"file": "sockets.wasm"},
             "old": {"file": "old.wasm"},
             "wrong-kind": {"file": "canary.wasm"},
@@ -324,11 +333,10 @@ async fn sandbox_and_api_version_refusals_are_clear() {
     let host = PluginHost::start(d.config())
         .await
         .expect("host starts despite broken plugins");
-    assert!(
-        host.status().is_empty(),
-        "nothing may load: {:?}",
-        host.status()
-    );
+    // Control: under the same sandbox policy, a plugin without a socket import and built for
+    // the current API loads; only the offenders are refused.
+    let loaded: Vec<String> = host.status().into_iter().map(|p| p.name).collect();
+    assert_eq!(loaded, ["good"], "only the control may load");
     assert_eq!(host.ordering_rule().name(), "builtin-default");
     let errors: BTreeMap<String, String> = host
         .load_errors()
@@ -373,8 +381,40 @@ async fn sandbox_and_api_version_refusals_are_clear() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_cache_does_not_stop_loading() {
+    let dist = plugin_support::dist();
+    let d = PluginDir::new();
+    d.install(dist, "default-ordering", "ordering.wasm");
+    d.manifest(&json!({"plugins": {"ord": {"file": "ordering.wasm"}}, "ordering": "ord"}));
+    // A cache directory below a regular file cannot be created, even by root.
+    let blocker = d.cache.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").expect("writing the blocker");
+    let (registry, metrics) = plugin_support::metrics();
+    let mut cfg = d.config();
+    cfg.cache_dir = blocker.join("cache");
+    cfg.metrics = metrics;
+    let host = PluginHost::start(cfg).await.expect("host starts");
+    assert!(host.load_errors().is_empty(), "{:?}", host.load_errors());
+    assert_eq!(host.ordering_rule().name(), "ord");
+    let c = changes(10, 1);
+    assert_eq!(
+        host.ordering_rule().order(&c).expect("orders"),
+        default_waves(&c)
+    );
+    let text = plugin_support::scrape(&registry);
+    assert_eq!(
+        plugin_support::sample(
+            &text,
+            "module_controller_plugin_cache_errors_total{op=\"write\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_artefacts_are_cached_by_content_hash() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     d.install(dist, "default-ordering", "ordering.wasm");
     d.manifest(&json!({"plugins": {"ord": {"file": "ordering.wasm"}}, "ordering": "ord"}));
@@ -422,7 +462,7 @@ fn cli(cmd: PluginCommand) -> (anyhow::Result<()>, String) {
 
 #[test]
 fn cli_checks_and_dry_runs_every_example() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     for (name, kind) in [
         ("default-ordering", "status-ordering"),
         ("canary-batch", "batch-policy"),
@@ -509,5 +549,29 @@ fn cli_checks_and_dry_runs_every_example() {
         v["encoded"][0]["messages"][0]["payload"], r#"{"op":"health"}"#,
         "{v}"
     );
-    let _ = Duration::ZERO;
+
+    // A failing batch policy is shown holding, as the controller binds it by default.
+    let (r, out) = cli(PluginCommand::Test {
+        file: dist.join("fixture-broken-batch.wasm"),
+        input: None,
+        config: "trap".into(),
+        budget_ms: 1000,
+    });
+    assert!(r.is_ok(), "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON output");
+    assert_eq!(v["decision"]["admit"], json!([]), "{v}");
+    assert!(
+        v["decision"]["holdReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is broken"),
+        "{v}"
+    );
+    assert!(
+        v["fallback"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(reasons::TRAPPED),
+        "{v}"
+    );
 }

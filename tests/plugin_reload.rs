@@ -171,7 +171,7 @@ enum Method {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_under_load() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let good = [
         (SEEN_DEFAULT, plugin_bytes(dist, "default-ordering")),
         (SEEN_NEWEST, plugin_bytes(dist, "fixture-newest-first")),
@@ -339,7 +339,7 @@ fn module_controller_hash(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_and_removing_plugins_and_manifest_errors() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let d = PluginDir::new();
     let host = PluginHost::start(d.config()).await.expect("host starts");
     let mut faults = host.faults();

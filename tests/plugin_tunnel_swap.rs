@@ -34,7 +34,7 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_swap_keeps_bases_and_commands() {
-    let dist = require_plugins!();
+    let dist = plugin_support::dist();
     let broker = Mosquitto::start().await.expect("mosquitto starts");
     let adapter = plugin_bytes(dist, "simple-agent-adapter");
     let d = PluginDir::new();

@@ -1,47 +1,48 @@
-//! A batch-policy plugin version as a [`BatchPolicy`].
+//! Batch-policy bindings as [`BatchPolicy`]: a loaded plugin version, or a binding whose plugin
+//! is not loaded (it fails every decision, so its failure policy decides — hold by default).
 
 use std::sync::Arc;
 
 use crate::rollout::batch::{
-    BatchDecision, BatchError, BatchPolicy, PendingInstall, RolloutView, validate_decision,
+    BatchDecision, BatchError, BatchPolicy, OnFailure, PendingInstall, RolloutView,
+    validate_decision,
 };
 
 use super::bindings::wit_batch;
-use super::faults::{FaultSink, PluginFault, reasons};
+use super::faults::{Reporter, reasons};
+use super::kind::PluginKind;
 use super::loader::{Hook, PluginVersion};
-use super::{PluginKind, telemetry};
 
 /// Calls one plugin version; failures are reported and returned so the caller's
-/// `decide_with` lets the built-in policy decide.
+/// `decide_with` applies the binding's failure policy.
 pub(crate) struct WasmBatch {
     version: Arc<PluginVersion>,
-    faults: Arc<FaultSink>,
+    on_failure: OnFailure,
+    reporter: Reporter,
 }
 
 impl WasmBatch {
-    /// Wraps a loaded batch-policy version.
-    pub(crate) fn new(version: Arc<PluginVersion>, faults: Arc<FaultSink>) -> Self {
-        WasmBatch { version, faults }
+    /// Wraps a loaded batch-policy version bound with `on_failure`.
+    pub(crate) fn new(
+        version: Arc<PluginVersion>,
+        on_failure: OnFailure,
+        reporter: Reporter,
+    ) -> Self {
+        WasmBatch {
+            version,
+            on_failure,
+            reporter,
+        }
     }
 
-    /// The loaded version this wrapper calls.
-    pub(crate) fn version(&self) -> &Arc<PluginVersion> {
-        &self.version
-    }
-
-    fn fail(&self, subject: &str, reason: &str, message: String) -> String {
-        telemetry::failure(&self.version.name, PluginKind::BatchPolicy, reason);
-        self.faults.emit(PluginFault {
-            plugin: self.version.name.to_string(),
-            kind: PluginKind::BatchPolicy,
-            reason: reason.to_string(),
-            message: message.clone(),
-            subject: Some(subject.to_string()),
-        });
-        format!("{reason}: {message}")
+    fn fail(&self, owner: &str, reason: &str, message: String) -> String {
+        let name = &self.version.name;
+        self.reporter
+            .fail(name, PluginKind::BatchPolicy, Some(owner), reason, message)
     }
 }
 
+/// The one conversion of a [`RolloutView`] to the plugin interface's record.
 fn view_to_wire(v: &RolloutView) -> wit_batch::RolloutView {
     wit_batch::RolloutView {
         owner: v.owner.clone(),
@@ -70,6 +71,10 @@ impl BatchPolicy for WasmBatch {
         &self.version.name
     }
 
+    fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
     fn decide(
         &self,
         view: &RolloutView,
@@ -87,22 +92,18 @@ impl BatchPolicy for WasmBatch {
                 .load(&mut *s, i)?
                 .call_decide(&mut *s, &wire_view, &wire_pending)
         });
-        telemetry::call(&self.version.name, PluginKind::BatchPolicy, stats.elapsed);
+        self.reporter
+            .metrics
+            .call(&self.version.name, PluginKind::BatchPolicy, stats.elapsed);
         let d = match result {
             Ok(Ok(d)) => d,
             Ok(Err(msg)) => {
-                return Err(BatchError::PolicyFailed(self.fail(
-                    &view.owner,
-                    reasons::RETURNED_ERROR,
-                    msg,
-                )));
+                let text = self.fail(&view.owner, reasons::RETURNED_ERROR, msg);
+                return Err(BatchError::PolicyFailed(text));
             }
             Err(f) => {
-                return Err(BatchError::PolicyFailed(self.fail(
-                    &view.owner,
-                    f.reason,
-                    f.message,
-                )));
+                let text = self.fail(&view.owner, f.reason, f.message);
+                return Err(BatchError::PolicyFailed(text));
             }
         };
         let decision = BatchDecision {
@@ -113,5 +114,53 @@ impl BatchPolicy for WasmBatch {
         validate_decision(pending.len(), decision).inspect_err(|e| {
             self.fail(&view.owner, reasons::INVALID_OUTPUT, e.to_string());
         })
+    }
+}
+
+/// A batch policy bound in the manifest whose plugin has no loaded version (file missing,
+/// refused, or of another kind). It fails every decision so that its failure policy decides:
+/// resolving it as admit-all would let a broken canary release the rollout.
+pub(crate) struct UnloadedBatch {
+    name: String,
+    why: String,
+    on_failure: OnFailure,
+    reporter: Reporter,
+}
+
+impl UnloadedBatch {
+    /// Binding `name`, not loaded because of `why`.
+    pub(crate) fn new(name: &str, why: String, on_failure: OnFailure, reporter: Reporter) -> Self {
+        UnloadedBatch {
+            name: name.to_string(),
+            why,
+            on_failure,
+            reporter,
+        }
+    }
+}
+
+impl BatchPolicy for UnloadedBatch {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    fn decide(
+        &self,
+        view: &RolloutView,
+        _pending: &[PendingInstall],
+    ) -> Result<BatchDecision, BatchError> {
+        // Reported against the Deployment, so its Events say why its rollout waits.
+        let text = self.reporter.fail(
+            &self.name,
+            PluginKind::BatchPolicy,
+            Some(&view.owner),
+            reasons::LOAD_FAILED,
+            format!("batch policy {} is not loaded: {}", self.name, self.why),
+        );
+        Err(BatchError::PolicyFailed(text))
     }
 }

@@ -11,28 +11,29 @@ pub(crate) mod ordering_world {
     });
 }
 
+/// Bindings of a world that shares `types` and `host` with the `status-ordering` world, so
+/// every world's host imports are one implementation.
+macro_rules! world_sharing_host {
+    ($world:tt) => {
+        wasmtime::component::bindgen!({
+            path: "wit",
+            world: $world,
+            with: {
+                "koupleless:plugin/types": super::ordering_world::koupleless::plugin::types,
+                "koupleless:plugin/host": super::ordering_world::koupleless::plugin::host,
+            },
+        });
+    };
+}
+
 /// The `batch-policy` world.
 pub(crate) mod batch_world {
-    wasmtime::component::bindgen!({
-        path: "wit",
-        world: "batch-policy",
-        with: {
-            "koupleless:plugin/types": super::ordering_world::koupleless::plugin::types,
-            "koupleless:plugin/host": super::ordering_world::koupleless::plugin::host,
-        },
-    });
+    world_sharing_host!("batch-policy");
 }
 
 /// The `tunnel-adapter` world.
 pub(crate) mod tunnel_world {
-    wasmtime::component::bindgen!({
-        path: "wit",
-        world: "tunnel-adapter",
-        with: {
-            "koupleless:plugin/types": super::ordering_world::koupleless::plugin::types,
-            "koupleless:plugin/host": super::ordering_world::koupleless::plugin::host,
-        },
-    });
+    world_sharing_host!("tunnel-adapter");
 }
 
 pub(crate) use batch_world::exports::koupleless::plugin::batch as wit_batch;

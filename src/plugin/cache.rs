@@ -1,6 +1,8 @@
 //! Precompiled plugin artefacts, keyed by the wasm content hash plus the Engine's
 //! compatibility hash, written atomically (temp file + rename) into a directory the
-//! controller owns (never the mounted plugins directory).
+//! controller owns (never the mounted plugins directory). The cache is an optimisation only:
+//! when it cannot be read or written, plugins still load (compiled each time) and the failure
+//! is logged and counted.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -10,6 +12,8 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+use super::telemetry::PluginMetrics;
 
 /// Hex SHA-256 of a plugin file.
 pub(crate) fn content_hash(bytes: &[u8]) -> String {
@@ -41,14 +45,16 @@ pub(crate) fn engine_key(engine: &Engine) -> String {
 pub(crate) struct ArtefactCache {
     dir: PathBuf,
     engine_key: String,
+    metrics: PluginMetrics,
 }
 
 impl ArtefactCache {
     /// A cache in `dir` (created on first write) for `engine`.
-    pub(crate) fn new(dir: &Path, engine: &Engine) -> Self {
+    pub(crate) fn new(dir: &Path, engine: &Engine, metrics: PluginMetrics) -> Self {
         ArtefactCache {
             dir: dir.to_path_buf(),
             engine_key: engine_key(engine),
+            metrics,
         }
     }
 
@@ -56,44 +62,46 @@ impl ArtefactCache {
         self.dir.join(format!("{hash}-{}.cwasm", self.engine_key))
     }
 
-    /// The compiled component for `bytes` (whose hash is `hash`): from the cache when present
-    /// and valid, else compiled and stored. Returns whether it came from the cache.
-    pub(crate) fn component(
-        &self,
-        engine: &Engine,
-        bytes: &[u8],
-        hash: &str,
-    ) -> wasmtime::Result<(Component, bool)> {
+    /// The cached compiled component for content `hash`, when present and usable.
+    pub(crate) fn lookup(&self, engine: &Engine, hash: &str) -> Option<Component> {
         let path = self.path_for(hash);
-        if path.is_file() {
-            // SAFETY: files in this directory are written only by `store` below, from
-            // `Component::serialize` of this process's Engine settings (the name carries the
-            // compatibility hash), and the directory is private to the controller. wasmtime
-            // also checks the artefact header and refuses mismatched engines.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(c) => {
-                    debug!(path = %path.display(), "plugin artefact loaded from cache");
-                    return Ok((c, true));
-                }
-                Err(e) => {
-                    warn!(path = %path.display(), error = %format!("{e:#}"), "discarding unusable cached plugin artefact");
-                    let _ = std::fs::remove_file(&path);
-                }
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: files in this directory are written only by `store` below, from
+        // `Component::serialize` of this process's Engine settings (the name carries the
+        // compatibility hash), and the directory is private to the controller. wasmtime
+        // also checks the artefact header and refuses mismatched engines.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(c) => {
+                debug!(path = %path.display(), "plugin artefact loaded from cache");
+                Some(c)
+            }
+            Err(e) => {
+                self.metrics.cache_error("read");
+                warn!(path = %path.display(), error = %format!("{e:#}"), "discarding unusable cached plugin artefact");
+                let _ = std::fs::remove_file(&path);
+                None
             }
         }
-        let component = Component::new(engine, bytes)?;
-        match component.serialize() {
-            Ok(serialized) => {
-                if let Err(e) = self.store(&path, &serialized) {
-                    warn!(dir = %self.dir.display(), error = %e, "cannot write plugin artefact cache; continuing without it");
-                }
-            }
-            Err(e) => warn!(error = %format!("{e:#}"), "cannot serialize compiled plugin"),
-        }
-        Ok((component, false))
     }
 
-    fn store(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    /// Stores `component` for content `hash`; failures are logged and counted, never fatal.
+    pub(crate) fn store(&self, hash: &str, component: &Component) {
+        let result = component
+            .serialize()
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|bytes| {
+                self.write(&self.path_for(hash), &bytes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            self.metrics.cache_error("write");
+            warn!(dir = %self.dir.display(), error = %e, "cannot write plugin artefact cache; continuing without it");
+        }
+    }
+
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         tmp.write_all(bytes)?;

@@ -9,16 +9,21 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::model::BaseCommand;
-use crate::rollout::batch::{BatchPolicy, PendingInstall, RolloutView, decide_with};
+use crate::rollout::batch::{
+    BatchDecision, BatchPolicy, OnFailure, PendingInstall, RolloutView, decide_with,
+};
 use crate::rollout::ordering::{OrderingRule, StatusChange, order_with};
 use crate::tunnel::codec::MessageCodec;
 
 use super::batch::WasmBatch;
 use super::codec::WasmCodec;
-use super::faults::FaultSink;
+use super::config::PluginConfig;
+use super::faults::{FaultSink, Reporter};
+use super::kind::PluginKind;
 use super::limits::Limits;
-use super::loader::{self, Hook, LoadRequest, PluginVersion, Runtime};
-use super::{API_VERSION, PluginKind};
+use super::loader::{self, API_VERSION, Hook, LoadLimits, LoadRequest, PluginVersion, Runtime};
+use super::ordering::WasmOrdering;
+use super::telemetry::PluginMetrics;
 
 /// Plugin subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -76,12 +81,19 @@ pub fn run_to(cmd: PluginCommand, out: &mut dyn std::io::Write) -> anyhow::Resul
 }
 
 fn load(file: &Path, config: &str, budget_ms: u64) -> anyhow::Result<Arc<PluginVersion>> {
+    // The controller's defaults, so `check` refuses what the controller would.
+    let defaults = PluginConfig::new(".");
     let limits = Limits {
         budget: Duration::from_millis(budget_ms),
-        memory_bytes: 64 << 20,
+        memory_bytes: defaults.memory_limit_bytes,
     };
-    let rt = Runtime::new(None, limits)?;
-    let bytes = loader::read(file)?;
+    let load_limits = LoadLimits {
+        max_file_bytes: defaults.max_file_bytes,
+        compile_budget: defaults.compile_budget,
+    };
+    let rt = Runtime::new(None, limits, load_limits, &defaults.metrics)?;
+    let bytes = loader::read(file, load_limits.max_file_bytes)
+        .with_context(|| format!("{} refused", file.display()))?;
     let name = file
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -156,10 +168,10 @@ fn check(
         v.peak_memory.load(std::sync::atomic::Ordering::Relaxed) / 1024
     )?;
     writeln!(out, "self-check:  ok")?;
-    let sink = Arc::new(FaultSink::new(16, Duration::ZERO));
+    let reporter = reporter();
     match v.kind {
         PluginKind::StatusOrdering => {
-            let rule = super::ordering::WasmOrdering::new(v.clone(), sink);
+            let rule = WasmOrdering::new(v.clone(), reporter);
             let changes = sample_changes();
             let waves = rule
                 .order(&changes)
@@ -171,7 +183,7 @@ fn check(
             )?;
         }
         PluginKind::BatchPolicy => {
-            let policy = WasmBatch::new(v.clone(), sink);
+            let policy = WasmBatch::new(v.clone(), OnFailure::Hold, reporter);
             let (view, pending) = sample_batch();
             let d = policy
                 .decide(&view, &pending)
@@ -186,7 +198,7 @@ fn check(
             )?;
         }
         PluginKind::TunnelAdapter => {
-            let codec = WasmCodec::new(v.clone(), sink);
+            let codec = WasmCodec::new(v.clone(), reporter);
             writeln!(out, "subscribes:  {}", codec.subscriptions().join(", "))?;
             let msgs = codec
                 .encode("sample-base", &BaseCommand::QueryAllModules)
@@ -206,9 +218,24 @@ fn check(
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ChangeIn {
+/// A reporter whose faults nobody reads: the CLI prints failures as fallbacks instead.
+fn reporter() -> Reporter {
+    Reporter {
+        faults: Arc::new(FaultSink::new(16, Duration::ZERO)),
+        metrics: PluginMetrics::default(),
+    }
+}
+
+// JSON input is deserialized straight into the controller's own types through serde "remote"
+// definitions: serde checks each definition against its type at compile time (a field added to
+// the type fails the build here), and there is no field-by-field copy to keep in step.
+
+/// JSON shape of a [`StatusChange`]; `podIndex` is ignored (the position in the list is used).
+#[derive(Deserialize)]
+#[serde(remote = "StatusChange", rename_all = "camelCase", deny_unknown_fields)]
+struct StatusChangeJson {
+    #[serde(default)]
+    pod_index: u32,
     #[serde(default)]
     creation_ts: i64,
     #[serde(default)]
@@ -221,15 +248,19 @@ struct ChangeIn {
     deleting: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
+struct ChangeIn(#[serde(with = "StatusChangeJson")] StatusChange);
+
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct OrderingIn {
     changes: Vec<ChangeIn>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ViewIn {
+/// JSON shape of a [`RolloutView`].
+#[derive(Deserialize)]
+#[serde(remote = "RolloutView", rename_all = "camelCase", deny_unknown_fields)]
+struct RolloutViewJson {
     #[serde(default)]
     owner: String,
     #[serde(default)]
@@ -253,9 +284,14 @@ struct ViewIn {
     annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PendingIn {
+/// JSON shape of a [`PendingInstall`].
+#[derive(Deserialize)]
+#[serde(
+    remote = "PendingInstall",
+    rename_all = "camelCase",
+    deny_unknown_fields
+)]
+struct PendingInstallJson {
     base_id: String,
     #[serde(default)]
     pod: String,
@@ -263,12 +299,28 @@ struct PendingIn {
     creation_ts: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
+struct PendingIn(#[serde(with = "PendingInstallJson")] PendingInstall);
+
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct BatchIn {
-    view: ViewIn,
+    #[serde(with = "RolloutViewJson")]
+    view: RolloutView,
     pending: Vec<PendingIn>,
 }
+
+/// JSON shape of a [`BatchDecision`] (output).
+#[derive(Serialize)]
+#[serde(remote = "BatchDecision", rename_all = "camelCase")]
+struct BatchDecisionJson {
+    admit: Vec<usize>,
+    hold_reason: Option<String>,
+    recheck_after_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct DecisionOut(#[serde(with = "BatchDecisionJson")] BatchDecision);
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -328,7 +380,7 @@ fn test(
 ) -> anyhow::Result<()> {
     let v = load(file, config, budget_ms)?;
     let text = read_input(input)?;
-    let sink = Arc::new(FaultSink::new(16, Duration::ZERO));
+    let reporter = reporter();
     let name = v.name.to_string();
     let json = match &v.hook {
         Hook::Ordering(_) => {
@@ -338,18 +390,11 @@ fn test(
                     let i: OrderingIn = serde_json::from_str(&t).context("ordering input")?;
                     (0u32..)
                         .zip(i.changes)
-                        .map(|(n, c)| StatusChange {
-                            pod_index: n,
-                            creation_ts: c.creation_ts,
-                            revision: c.revision,
-                            from_ready: c.from_ready,
-                            to_ready: c.to_ready,
-                            deleting: c.deleting,
-                        })
+                        .map(|(n, ChangeIn(c))| StatusChange { pod_index: n, ..c })
                         .collect()
                 }
             };
-            let rule = super::ordering::WasmOrdering::new(v.clone(), sink);
+            let rule = WasmOrdering::new(v.clone(), reporter);
             let (waves, err) = order_with(&rule, &changes);
             serde_json::to_string_pretty(&Outcome {
                 plugin: name,
@@ -362,48 +407,16 @@ fn test(
                 None => sample_batch(),
                 Some(t) => {
                     let i: BatchIn = serde_json::from_str(&t).context("batch input")?;
-                    let v = i.view;
-                    let view = RolloutView {
-                        owner: v.owner,
-                        module: v.module,
-                        new_version: v.new_version,
-                        old_version: v.old_version,
-                        desired: v.desired,
-                        updated_ready: v.updated_ready,
-                        updated_installing: v.updated_installing,
-                        old_ready: v.old_ready,
-                        elapsed_ms: v.elapsed_ms,
-                        since_last_ready_ms: v.since_last_ready_ms,
-                        annotations: v.annotations,
-                    };
-                    let pending = i
-                        .pending
-                        .into_iter()
-                        .map(|p| PendingInstall {
-                            base_id: p.base_id,
-                            pod: p.pod,
-                            creation_ts: p.creation_ts,
-                        })
-                        .collect();
-                    (view, pending)
+                    let pending = i.pending.into_iter().map(|PendingIn(p)| p).collect();
+                    (i.view, pending)
                 }
             };
-            let policy = WasmBatch::new(v.clone(), sink);
+            // As the controller binds a policy by default: a failing call holds.
+            let policy = WasmBatch::new(v.clone(), OnFailure::Hold, reporter);
             let (d, err) = decide_with(&policy, &view, &pending);
-            #[derive(Serialize)]
-            #[serde(rename_all = "camelCase")]
-            struct D {
-                admit: Vec<usize>,
-                hold_reason: Option<String>,
-                recheck_after_ms: Option<u64>,
-            }
             serde_json::to_string_pretty(&Outcome {
                 plugin: name,
-                decision: D {
-                    admit: d.admit,
-                    hold_reason: d.hold_reason,
-                    recheck_after_ms: d.recheck_after_ms,
-                },
+                decision: DecisionOut(d),
                 fallback: err.map(|e| e.to_string()),
             })?
         }
@@ -418,7 +431,7 @@ fn test(
                 },
                 Some(t) => serde_json::from_str(&t).context("tunnel input")?,
             };
-            let codec = WasmCodec::new(v.clone(), sink);
+            let codec = WasmCodec::new(v.clone(), reporter);
             let now = chrono::Utc::now().timestamp_millis();
             let decoded: Vec<serde_json::Value> = input
                 .decode

@@ -10,27 +10,27 @@ use crate::model::{
 use crate::tunnel::codec::{DecodeError, EncodeError, MessageCodec, OutMessage, topic_matches};
 
 use super::bindings::wit_tunnel as w;
-use super::faults::{FaultSink, PluginFault, reasons};
+use super::faults::{Reporter, reasons};
+use super::kind::PluginKind;
 use super::loader::{Hook, PluginVersion};
-use super::{PluginKind, telemetry};
 
 /// Calls one tunnel-adapter version.
 pub(crate) struct WasmCodec {
     version: Arc<PluginVersion>,
-    faults: Arc<FaultSink>,
+    reporter: Reporter,
     subscriptions: Vec<String>,
 }
 
 impl WasmCodec {
     /// Wraps a loaded tunnel-adapter version.
-    pub(crate) fn new(version: Arc<PluginVersion>, faults: Arc<FaultSink>) -> Self {
+    pub(crate) fn new(version: Arc<PluginVersion>, reporter: Reporter) -> Self {
         let subscriptions = match &version.hook {
             Hook::Tunnel { subscriptions, .. } => subscriptions.clone(),
             _ => Vec::new(),
         };
         WasmCodec {
             version,
-            faults,
+            reporter,
             subscriptions,
         }
     }
@@ -41,15 +41,16 @@ impl WasmCodec {
     }
 
     fn fail(&self, subject: Option<&str>, reason: &str, message: String) -> String {
-        telemetry::failure(&self.version.name, PluginKind::TunnelAdapter, reason);
-        self.faults.emit(PluginFault {
-            plugin: self.version.name.to_string(),
-            kind: PluginKind::TunnelAdapter,
-            reason: reason.to_string(),
-            message: message.clone(),
-            subject: subject.map(str::to_string),
-        });
-        format!("{reason}: {message}")
+        let name = &self.version.name;
+        self.reporter
+            .fail(name, PluginKind::TunnelAdapter, subject, reason, message)
+    }
+
+    fn record_call(&self, elapsed: std::time::Duration) {
+        let name = &self.version.name;
+        self.reporter
+            .metrics
+            .call(name, PluginKind::TunnelAdapter, elapsed);
     }
 }
 
@@ -157,7 +158,7 @@ impl MessageCodec for WasmCodec {
                 .load(&mut *s, i)?
                 .call_decode(&mut *s, topic, payload, now_ms)
         });
-        telemetry::call(&self.version.name, PluginKind::TunnelAdapter, stats.elapsed);
+        self.record_call(stats.elapsed);
         match result {
             Ok(Ok(events)) => Ok(events
                 .into_iter()
@@ -193,7 +194,7 @@ impl MessageCodec for WasmCodec {
                 .load(&mut *s, i)?
                 .call_encode(&mut *s, base_id, &wire)
         });
-        telemetry::call(&self.version.name, PluginKind::TunnelAdapter, stats.elapsed);
+        self.record_call(stats.elapsed);
         let reason = match result {
             Ok(Ok(msgs)) => {
                 return Ok(msgs

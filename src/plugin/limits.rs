@@ -14,11 +14,11 @@ use super::bindings::{wit_host, wit_rollout_context};
 use super::engine::budget_ticks;
 use super::faults::reasons;
 
-/// Tables a plugin may grow to (elements); Rust guests need a few hundred.
-const TABLE_LIMIT: usize = 100_000;
-
 /// However starved of CPU a call is, it is interrupted after this many budgets of wall time.
 const WALL_CAP_FACTOR: u32 = 4;
+
+/// What one table element costs against the memory cap: wasmtime keeps a pointer per element.
+const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
 
 /// Per-call resource caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,44 +26,73 @@ pub(crate) struct Limits {
     /// CPU-time budget of one call, instantiation included (wall time is capped at
     /// `WALL_CAP_FACTOR` budgets).
     pub budget: Duration,
-    /// Cap on the linear memory of the plugin instance.
+    /// Cap on one instance: all its linear memories and tables together.
     pub memory_bytes: usize,
 }
 
-/// Refuses memory and table growth past the caps, remembering that it did.
+/// Refuses memory and table growth that would take the instance (every memory and table of
+/// the Store, which holds exactly one component instance) past the cap, remembering that it
+/// did. A cap per memory would let a component with several memories, or huge tables, use a
+/// multiple of it.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit: usize,
+    used: usize,
     peak: usize,
     exceeded: bool,
+}
+
+impl MemoryLimiter {
+    fn new(limit: usize) -> Self {
+        MemoryLimiter {
+            limit,
+            used: 0,
+            peak: 0,
+            exceeded: false,
+        }
+    }
+
+    /// Accounts one memory or table going from `current` to `desired` bytes. Growth that
+    /// wasmtime then fails for another reason stays counted: conservative, it can only make the
+    /// cap bite earlier.
+    fn grow(&mut self, what: &str, current: usize, desired: usize) -> wasmtime::Result<bool> {
+        let next = self.used.saturating_sub(current).saturating_add(desired);
+        if next > self.limit {
+            self.exceeded = true;
+            // An error traps right at the growth, so the cause is precise.
+            wasmtime::bail!(
+                "instance memory limit exceeded: growing a {what} to {desired} bytes would take \
+                 the instance to {next} bytes, cap is {}",
+                self.limit
+            );
+        }
+        self.used = next;
+        self.peak = self.peak.max(next);
+        Ok(true)
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.exceeded = true;
-            // An error traps right at memory.grow, so the cause is precise.
-            wasmtime::bail!(
-                "memory limit exceeded: wanted {desired} bytes, cap is {}",
-                self.limit
-            );
-        }
-        self.peak = self.peak.max(desired);
-        Ok(true)
+        self.grow("memory", current, desired)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= TABLE_LIMIT)
+        self.grow(
+            "table",
+            current.saturating_mul(TABLE_ELEMENT_BYTES),
+            desired.saturating_mul(TABLE_ELEMENT_BYTES),
+        )
     }
 
     fn instances(&self) -> usize {
@@ -148,7 +177,7 @@ impl std::fmt::Display for CallFailure {
 pub(crate) struct CallStats {
     /// Wall time, instantiation included.
     pub elapsed: Duration,
-    /// Largest linear memory size the instance reached.
+    /// Largest size of the instance (memories and tables) reached.
     pub peak_memory: usize,
 }
 
@@ -165,11 +194,7 @@ pub(crate) fn invoke<R>(
         plugin: ctx.plugin,
         config: ctx.config,
         annotations: ctx.annotations,
-        limiter: MemoryLimiter {
-            limit: limits.memory_bytes,
-            peak: 0,
-            exceeded: false,
-        },
+        limiter: MemoryLimiter::new(limits.memory_bytes),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
@@ -241,7 +266,7 @@ fn classify(
         return CallFailure {
             reason: reasons::OUT_OF_MEMORY,
             message: format!(
-                "memory cap of {} bytes exceeded: {e:#}",
+                "instance memory cap of {} bytes exceeded: {e:#}",
                 limits.memory_bytes
             ),
         };
@@ -249,5 +274,35 @@ fn classify(
     CallFailure {
         reason: reasons::TRAPPED,
         message: format!("{e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_covers_every_memory_and_table_together() {
+        let mut l = MemoryLimiter::new(10 << 20);
+        // Two memories of 4 MiB each fit...
+        assert!(l.memory_growing(0, 4 << 20, None).is_ok());
+        assert!(l.memory_growing(0, 4 << 20, None).is_ok());
+        // ...a third would be within a per-memory cap but not the instance's.
+        assert!(l.memory_growing(0, 4 << 20, None).is_err());
+        assert!(l.exceeded);
+        // Tables count too (a pointer per element).
+        let mut l = MemoryLimiter::new(10 << 20);
+        assert!(l.memory_growing(0, 8 << 20, None).is_ok());
+        assert!(
+            l.table_growing(0, (4 << 20) / TABLE_ELEMENT_BYTES, None)
+                .is_err()
+        );
+        // Control: growing one memory in place counts only the difference.
+        let mut l = MemoryLimiter::new(10 << 20);
+        for mib in 1..=10 {
+            assert!(l.memory_growing((mib - 1) << 20, mib << 20, None).is_ok());
+        }
+        assert_eq!(l.peak, 10 << 20);
+        assert!(!l.exceeded);
     }
 }

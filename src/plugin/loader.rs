@@ -2,6 +2,7 @@
 //! against the sandbox policy and its exports against the API version this host speaks, link,
 //! then validate it by calling `info`, `init(config)` and `self-check` within budget.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -10,10 +11,11 @@ use thiserror::Error;
 use wasmtime::Engine;
 use wasmtime::component::{Component, InstancePre, Linker};
 
-use super::PluginKind;
 use super::bindings::{wit_batch, wit_metadata, wit_ordering, wit_tunnel, wit_types};
 use super::cache::{ArtefactCache, content_hash};
+use super::kind::PluginKind;
 use super::limits::{CallContext, CallFailure, CallState, CallStats, Limits, base_linker, invoke};
+use super::telemetry::PluginMetrics;
 
 /// The plugin API version (WIT package `koupleless:plugin`) this host speaks.
 pub const API_VERSION: &str = "1.0.0";
@@ -37,9 +39,23 @@ pub enum LoadError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Larger than the configured maximum plugin file size.
+    #[error("is {size} bytes, larger than the {limit}-byte limit for plugin files")]
+    TooLarge {
+        /// Size of the file (at least; reading stopped past the limit).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Not a valid component for this host.
     #[error("cannot compile the component: {0}")]
     Compile(String),
+    /// Compiling took longer than the compile budget.
+    #[error(
+        "compiling took longer than the {} ms compile budget; refused (a component this costly to compile is not loaded)",
+        .0.as_millis()
+    )]
+    CompileTimeout(Duration),
     /// Imports a network interface.
     #[error(
         "imports `{0}`: plugins get no network access (wasi:sockets and wasi:http are refused)"
@@ -104,24 +120,40 @@ pub enum LoadError {
     },
 }
 
+/// Limits applied when loading a plugin file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoadLimits {
+    /// Larger files are refused unread.
+    pub max_file_bytes: u64,
+    /// Longer compilations are refused.
+    pub compile_budget: Duration,
+}
+
 /// The shared machinery of loading and calling plugins.
 pub(crate) struct Runtime {
     pub engine: &'static Engine,
     linker: Linker<CallState>,
     cache: Option<ArtefactCache>,
     pub limits: Limits,
+    pub load_limits: LoadLimits,
 }
 
 impl Runtime {
     /// A runtime on the process Engine; `cache_dir` None disables the artefact cache.
-    pub(crate) fn new(cache_dir: Option<&Path>, limits: Limits) -> anyhow::Result<Runtime> {
+    pub(crate) fn new(
+        cache_dir: Option<&Path>,
+        limits: Limits,
+        load_limits: LoadLimits,
+        metrics: &PluginMetrics,
+    ) -> anyhow::Result<Runtime> {
         let engine = super::engine::engine().map_err(anyhow::Error::msg)?;
         let linker = base_linker(engine).map_err(|e| anyhow::anyhow!("plugin linker: {e:#}"))?;
         Ok(Runtime {
             engine,
             linker,
-            cache: cache_dir.map(|d| ArtefactCache::new(d, engine)),
+            cache: cache_dir.map(|d| ArtefactCache::new(d, engine, metrics.clone())),
             limits,
+            load_limits,
         })
     }
 }
@@ -165,7 +197,8 @@ pub(crate) struct PluginVersion {
     pub from_cache: bool,
     /// Time from bytes to validated version.
     pub load_time: Duration,
-    /// Largest linear memory an instance of this version reached (validation and calls).
+    /// Largest size (memories and tables) an instance of this version reached (validation and
+    /// calls).
     pub peak_memory: std::sync::atomic::AtomicUsize,
     /// The hook.
     pub hook: Hook,
@@ -210,12 +243,66 @@ pub(crate) struct LoadRequest<'a> {
     pub expected: Option<PluginKind>,
 }
 
-/// Reads `file` for a [`LoadRequest`].
-pub(crate) fn read(file: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(file).map_err(|source| LoadError::Read {
+/// Reads `file` for a [`LoadRequest`], refusing files larger than `max_bytes` without reading
+/// more than one byte past the limit (the file may grow while it is read).
+pub(crate) fn read(file: &Path, max_bytes: u64) -> Result<Vec<u8>, LoadError> {
+    let read_err = |source| LoadError::Read {
         path: file.to_path_buf(),
         source,
-    })
+    };
+    let f = std::fs::File::open(file).map_err(read_err)?;
+    let size = f.metadata().map_err(read_err)?.len();
+    if size > max_bytes {
+        return Err(LoadError::TooLarge {
+            size,
+            limit: max_bytes,
+        });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    f.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    let read = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    if read > max_bytes {
+        return Err(LoadError::TooLarge {
+            size: read,
+            limit: max_bytes,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The compiled component for `bytes`: from the artefact cache when present, else compiled
+/// on a thread of its own within the compile budget. Compilation cannot be interrupted, so a
+/// compile past the budget is abandoned (it finishes in the background, is never cached and
+/// never used) and the file refused; the host does not retry unchanged content.
+fn compile(rt: &Runtime, bytes: &[u8], hash: &str) -> Result<(Component, bool), LoadError> {
+    if let Some(c) = rt.cache.as_ref().and_then(|c| c.lookup(rt.engine, hash)) {
+        return Ok((c, true));
+    }
+    let engine = rt.engine;
+    let owned = bytes.to_vec();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("plugin-compile".into())
+        .spawn(move || {
+            let _ = tx.send(Component::new(engine, &owned));
+        })
+        .map_err(|e| LoadError::Compile(format!("cannot start a compile thread: {e}")))?;
+    let budget = rt.load_limits.compile_budget;
+    let component = match rx.recv_timeout(budget) {
+        Ok(r) => r.map_err(|e| LoadError::Compile(format!("{e:#}")))?,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            return Err(LoadError::CompileTimeout(budget));
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            return Err(LoadError::Compile("the compile thread panicked".into()));
+        }
+    };
+    if let Some(cache) = &rt.cache {
+        cache.store(hash, &component);
+    }
+    Ok((component, false))
 }
 
 /// Splits `koupleless:plugin/<iface>@<version>`.
@@ -345,11 +432,7 @@ pub(crate) fn load(rt: &Runtime, req: LoadRequest<'_>) -> Result<PluginVersion, 
     let start = Instant::now();
     let hash = content_hash(req.bytes);
     let engine = rt.engine;
-    let (component, from_cache) = match &rt.cache {
-        Some(cache) => cache.component(engine, req.bytes, &hash),
-        None => Component::new(engine, req.bytes).map(|c| (c, false)),
-    }
-    .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+    let (component, from_cache) = compile(rt, req.bytes, &hash)?;
     check_imports(engine, &component)?;
     let kind = exported_kind(engine, &component)?;
     if let Some(expected) = req.expected

@@ -10,9 +10,15 @@
 //!   },
 //!   "ordering": "ordering",
 //!   "tunnelAdapters": ["simple-agent"],
-//!   "batch": { "default": null, "selectable": ["canary"] }
+//!   "batch": { "default": null, "selectable": ["canary"], "onFailure": { "canary": "hold" } }
 //! }
 //! ```
+//!
+//! `batch.onFailure` gives each bound batch policy its failure policy: what happens to the
+//! pending installs of a rollout when the policy traps, times out, runs out of memory, answers
+//! nonsense or is not loaded at all. `"hold"` (the default, also for policies not listed) admits
+//! nothing until the policy works again — a broken canary must not release a rollout;
+//! `"admit"` admits every pending install, as if no policy were bound.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -20,7 +26,9 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::PluginKind;
+use crate::rollout::batch::OnFailure;
+
+use super::kind::PluginKind;
 
 /// File name of the manifest inside the plugins directory.
 pub const MANIFEST_FILE: &str = "plugins.json";
@@ -67,6 +75,37 @@ pub struct BatchBinding {
     /// The selecting annotation.
     #[serde(default = "default_annotation")]
     pub annotation: String,
+    /// Failure policy per bound batch policy (`"hold"` or `"admit"`); unlisted ones hold.
+    #[serde(default)]
+    pub on_failure: BTreeMap<String, String>,
+}
+
+/// Spelling of the failure policies in the manifest.
+const FAILURE_POLICIES: [(&str, OnFailure); 2] =
+    [("hold", OnFailure::Hold), ("admit", OnFailure::Admit)];
+
+fn parse_on_failure(text: &str) -> Option<OnFailure> {
+    FAILURE_POLICIES
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, p)| *p)
+}
+
+impl BatchBinding {
+    /// The failure policy of batch policy `name` (hold unless the manifest says admit).
+    pub fn on_failure(&self, name: &str) -> OnFailure {
+        self.on_failure
+            .get(name)
+            .and_then(|t| parse_on_failure(t))
+            .unwrap_or_default()
+    }
+
+    fn is_bound(&self, name: &str) -> bool {
+        self.default
+            .iter()
+            .chain(&self.selectable)
+            .any(|n| n == name)
+    }
 }
 
 fn default_annotation() -> String {
@@ -79,6 +118,7 @@ impl Default for BatchBinding {
             default: None,
             selectable: Vec::new(),
             annotation: default_annotation(),
+            on_failure: BTreeMap::new(),
         }
     }
 }
@@ -171,6 +211,18 @@ impl Manifest {
                 )));
             }
         }
+        for (name, policy) in &self.batch.on_failure {
+            if !self.batch.is_bound(name) {
+                return Err(ManifestError::Invalid(format!(
+                    "batch.onFailure names {name:?}, which is not a bound batch policy (batch.default or batch.selectable)"
+                )));
+            }
+            if parse_on_failure(policy).is_none() {
+                return Err(ManifestError::Invalid(format!(
+                    "batch.onFailure[{name:?}] is {policy:?}; a failure policy is \"hold\" (admit nothing while the policy is broken) or \"admit\" (admit every pending install)"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -181,13 +233,7 @@ impl Manifest {
             Some(PluginKind::StatusOrdering)
         } else if self.tunnel_adapters.iter().any(is) {
             Some(PluginKind::TunnelAdapter)
-        } else if self
-            .batch
-            .default
-            .iter()
-            .chain(&self.batch.selectable)
-            .any(is)
-        {
+        } else if self.batch.is_bound(name) {
             Some(PluginKind::BatchPolicy)
         } else {
             None
@@ -214,6 +260,40 @@ mod tests {
         assert_eq!(m.expected_kind("c"), Some(PluginKind::BatchPolicy));
         assert_eq!(m.expected_kind("s"), Some(PluginKind::TunnelAdapter));
         assert_eq!(m.expected_kind("x"), None);
+    }
+
+    #[test]
+    fn failure_policies_default_to_hold() {
+        let m = Manifest::parse(
+            r#"{"plugins":{"c":{"file":"c.wasm"},"d":{"file":"d.wasm"}},
+               "batch":{"default":"c","selectable":["d"],"onFailure":{"d":"admit"}}}"#,
+        )
+        .expect("valid manifest");
+        assert_eq!(m.batch.on_failure("c"), OnFailure::Hold);
+        assert_eq!(m.batch.on_failure("d"), OnFailure::Admit);
+        assert_eq!(m.batch.on_failure("unbound"), OnFailure::Hold);
+    }
+
+    #[test]
+    fn bad_failure_policies_are_refused_clearly() {
+        let err = Manifest::parse(
+            r#"{"plugins":{"c":{"file":"c.wasm"}},"batch":{"default":"c","onFailure":{"c":"allow"}}}"#,
+        )
+        .expect_err("unknown failure policy");
+        let msg = err.to_string();
+        assert!(msg.contains(r#"batch.onFailure["c"] is "allow""#), "{msg}");
+        assert!(
+            msg.contains(r#""hold""#) && msg.contains(r#""admit""#),
+            "{msg}"
+        );
+        let err = Manifest::parse(
+            r#"{"plugins":{"c":{"file":"c.wasm"}},"batch":{"onFailure":{"c":"hold"}}}"#,
+        )
+        .expect_err("policy for an unbound plugin");
+        assert!(
+            err.to_string().contains("not a bound batch policy"),
+            "{err}"
+        );
     }
 
     #[test]

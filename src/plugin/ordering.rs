@@ -7,21 +7,21 @@ use crate::rollout::ordering::{
 };
 
 use super::bindings::wit_ordering;
-use super::faults::{FaultSink, PluginFault, reasons};
+use super::faults::{Reporter, reasons};
+use super::kind::PluginKind;
 use super::loader::{Hook, PluginVersion};
-use super::{PluginKind, telemetry};
 
 /// Calls one plugin version; failures are reported and returned so the caller's
 /// `order_with` lets the built-in default decide.
 pub(crate) struct WasmOrdering {
     version: Arc<PluginVersion>,
-    faults: Arc<FaultSink>,
+    reporter: Reporter,
 }
 
 impl WasmOrdering {
     /// Wraps a loaded status-ordering version.
-    pub(crate) fn new(version: Arc<PluginVersion>, faults: Arc<FaultSink>) -> Self {
-        WasmOrdering { version, faults }
+    pub(crate) fn new(version: Arc<PluginVersion>, reporter: Reporter) -> Self {
+        WasmOrdering { version, reporter }
     }
 
     /// The loaded version this wrapper calls.
@@ -30,15 +30,9 @@ impl WasmOrdering {
     }
 
     fn fail(&self, reason: &str, message: String) -> String {
-        telemetry::failure(&self.version.name, PluginKind::StatusOrdering, reason);
-        self.faults.emit(PluginFault {
-            plugin: self.version.name.to_string(),
-            kind: PluginKind::StatusOrdering,
-            reason: reason.to_string(),
-            message: message.clone(),
-            subject: None,
-        });
-        format!("{reason}: {message}")
+        let name = &self.version.name;
+        self.reporter
+            .fail(name, PluginKind::StatusOrdering, None, reason, message)
     }
 }
 
@@ -68,7 +62,7 @@ impl OrderingRule for WasmOrdering {
         let (result, stats) = self.version.call(None, |s, i| {
             indices.load(&mut *s, i)?.call_order(&mut *s, &wire)
         });
-        telemetry::call(
+        self.reporter.metrics.call(
             &self.version.name,
             PluginKind::StatusOrdering,
             stats.elapsed,

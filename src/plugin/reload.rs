@@ -3,8 +3,12 @@
 //! Any event counts as "something changed": ConfigMap volumes update by swapping the `..data`
 //! symlink, so watching individual files would miss updates. The rescan compares content
 //! hashes, so spurious events cost a few file reads. A periodic resync covers missed events.
+//!
+//! This module knows nothing of the host: it calls [`Rescan::rescan`] on whatever it watches
+//! for, so the dependency goes one way (host → reload).
 
-use std::sync::{Arc, Weak};
+use std::path::Path;
+use std::sync::Weak;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,13 +18,31 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
-use super::host::{Inner, PluginHost};
-
 /// A burst of events never delays a rescan by more than this many debounce periods.
 const MAX_DEBOUNCE_PERIODS: u32 = 5;
 
-/// Starts the watcher and the debounce task of `host`.
-pub(crate) fn watch(host: &PluginHost) -> anyhow::Result<()> {
+/// What a directory change triggers: a full rescan (blocking; run on a blocking thread).
+pub(crate) trait Rescan: Send + Sync + 'static {
+    /// Re-reads the directory and applies what changed.
+    fn rescan(&self);
+}
+
+/// How to watch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WatchTiming {
+    /// Quiet time after a change before rescanning.
+    pub debounce: Duration,
+    /// Rescan this often without changes.
+    pub resync: Duration,
+}
+
+/// Watches `dir` and rescans `target` on changes (debounced) and periodically, until `target`
+/// is dropped or the returned watcher is: the caller keeps the watcher alive.
+pub(crate) fn watch<T: Rescan>(
+    dir: &Path,
+    timing: WatchTiming,
+    target: Weak<T>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let (tx, rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
@@ -32,13 +54,11 @@ pub(crate) fn watch(host: &PluginHost) -> anyhow::Result<()> {
         let _ = tx.send(());
     })
     .context("creating the file watcher")?;
-    let dir = host.inner.cfg.dir.clone();
     watcher
-        .watch(&dir, RecursiveMode::Recursive)
+        .watch(dir, RecursiveMode::Recursive)
         .with_context(|| format!("watching {}", dir.display()))?;
-    *host.inner.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
-    tokio::spawn(debounce_loop(Arc::downgrade(&host.inner), rx));
-    Ok(())
+    tokio::spawn(debounce_loop(target, timing, rx));
+    Ok(watcher)
 }
 
 /// Whether an event may mean new content. Reads are not: the rescan itself opens every file,
@@ -51,20 +71,22 @@ fn changes_content(kind: &EventKind) -> bool {
     }
 }
 
-async fn debounce_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<()>) {
-    let (debounce, resync) = match inner.upgrade() {
-        Some(i) => (i.cfg.debounce, i.cfg.resync_interval),
-        None => return,
-    };
+async fn debounce_loop<T: Rescan>(
+    target: Weak<T>,
+    timing: WatchTiming,
+    mut rx: mpsc::UnboundedReceiver<()>,
+) {
     loop {
-        match timeout(resync.max(Duration::from_millis(10)), rx.recv()).await {
+        match timeout(timing.resync.max(Duration::from_millis(10)), rx.recv()).await {
             // The watcher (owned by the host) is gone: the host was dropped.
             Ok(None) => return,
-            Ok(Some(())) => quiet(&mut rx, debounce).await,
+            Ok(Some(())) => quiet(&mut rx, timing.debounce).await,
             Err(_) => {} // periodic resync
         }
-        let Some(inner) = inner.upgrade() else { return };
-        if tokio::task::spawn_blocking(move || inner.rescan())
+        let Some(target) = target.upgrade() else {
+            return;
+        };
+        if tokio::task::spawn_blocking(move || target.rescan())
             .await
             .is_err()
         {

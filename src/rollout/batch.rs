@@ -77,6 +77,17 @@ pub enum BatchError {
     PolicyFailed(String),
 }
 
+/// What happens to the pending installs when a batch policy fails (traps, times out, runs out
+/// of memory, answers nonsense, is not loaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Admit nothing until the policy works again: a broken canary must not release a rollout.
+    #[default]
+    Hold,
+    /// Admit every pending install, as if no policy were bound.
+    Admit,
+}
+
 /// A batch-update policy (built-in or plugin).
 pub trait BatchPolicy: Send + Sync {
     /// Name for logs, metrics and Events.
@@ -87,6 +98,10 @@ pub trait BatchPolicy: Send + Sync {
         view: &RolloutView,
         pending: &[PendingInstall],
     ) -> Result<BatchDecision, BatchError>;
+    /// What [`decide_with`] does when this policy fails.
+    fn on_failure(&self) -> OnFailure {
+        OnFailure::Hold
+    }
 }
 
 /// Built-in policy: admit everything (the Deployment's own maxSurge/maxUnavailable paces it).
@@ -121,8 +136,12 @@ pub fn validate_decision(n: usize, mut d: BatchDecision) -> Result<BatchDecision
     Ok(d)
 }
 
-/// Decides with `policy`; falls back to admit-all when it fails. Returns the policy's error
-/// when it was overruled.
+/// Longest policy error quoted in a hold reason (the pod's waiting message).
+const MAX_QUOTED_ERROR: usize = 200;
+
+/// Decides with `policy`; when it fails, its [`OnFailure`] decides instead: hold every pending
+/// install (with a hold reason saying the policy is broken) or admit them all. Returns the
+/// policy's error when it was overruled.
 pub fn decide_with(
     policy: &dyn BatchPolicy,
     view: &RolloutView,
@@ -134,7 +153,22 @@ pub fn decide_with(
     {
         Ok(d) => (d, None),
         Err(e) => {
-            let d = AdmitAll.decide(view, pending).unwrap_or_default();
+            let d = match policy.on_failure() {
+                OnFailure::Admit => AdmitAll.decide(view, pending).unwrap_or_default(),
+                OnFailure::Hold => {
+                    let text = e.to_string();
+                    let first_line = text.lines().next().unwrap_or_default();
+                    let quoted: String = first_line.chars().take(MAX_QUOTED_ERROR).collect();
+                    BatchDecision {
+                        admit: Vec::new(),
+                        hold_reason: Some(format!(
+                            "batch policy {} is broken, installs held until it works again: {quoted}",
+                            policy.name()
+                        )),
+                        recheck_after_ms: None,
+                    }
+                }
+            };
             (d, Some(e))
         }
     }
@@ -160,7 +194,8 @@ mod tests {
         }
     }
 
-    struct Bad;
+    /// Answers out of range; fails with the failure policy it is given.
+    struct Bad(OnFailure);
     impl BatchPolicy for Bad {
         fn name(&self) -> &str {
             "bad"
@@ -175,19 +210,36 @@ mod tests {
                 ..Default::default()
             })
         }
+        fn on_failure(&self) -> OnFailure {
+            self.0
+        }
     }
 
-    #[test]
-    fn invalid_decision_falls_back_to_admit_all() {
-        let p = vec![
+    fn two_pending() -> Vec<PendingInstall> {
+        vec![
             PendingInstall {
                 base_id: "a".into(),
                 pod: "ns/p".into(),
                 creation_ts: 0,
             };
             2
-        ];
-        let (d, err) = decide_with(&Bad, &view(), &p);
+        ]
+    }
+
+    #[test]
+    fn a_failing_policy_holds_by_default() {
+        let (d, err) = decide_with(&Bad(OnFailure::default()), &view(), &two_pending());
+        assert_eq!(err, Some(BatchError::OutOfRange(7, 2)));
+        assert!(d.admit.is_empty(), "nothing admitted: {d:?}");
+        let reason = d.hold_reason.unwrap_or_default();
+        assert!(reason.starts_with("batch policy bad is broken"), "{reason}");
+        assert!(reason.contains("out of range"), "{reason}");
+    }
+
+    #[test]
+    fn a_failing_policy_bound_to_admit_admits_all() {
+        // Control of the test above: the failure policy alone makes the difference.
+        let (d, err) = decide_with(&Bad(OnFailure::Admit), &view(), &two_pending());
         assert_eq!(err, Some(BatchError::OutOfRange(7, 2)));
         assert_eq!(d.admit, vec![0, 1]);
     }

@@ -1,23 +1,5 @@
-//! Rules from the WASM plugin host, as the controller's [`PolicySource`].
+//! Moved to [`crate::plugin::PluginPolicies`] (so that `rollout` does not depend on `plugin`).
+//! This re-export only keeps `src/main.rs` and `tests/e2e_canary.rs` building until they
+//! import the new path; then delete this file and its `pub mod` line.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use crate::plugin::PluginHost;
-use crate::rollout::batch::BatchPolicy;
-use crate::rollout::ordering::OrderingRule;
-use crate::rollout::{PolicySource, is_admit_all};
-
-/// The plugin host's current bindings (hot-reloaded underneath).
-pub struct PluginPolicies(pub PluginHost);
-
-impl PolicySource for PluginPolicies {
-    fn ordering(&self) -> Arc<dyn OrderingRule> {
-        self.0.ordering_rule()
-    }
-
-    fn batch_policy(&self, annotations: &BTreeMap<String, String>) -> Option<Arc<dyn BatchPolicy>> {
-        let p = self.0.batch_policy_for(annotations);
-        (!is_admit_all(p.as_ref())).then_some(p)
-    }
-}
+pub use crate::plugin::PluginPolicies;

@@ -10,16 +10,23 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use module_controller::plugin::{PluginConfig, PluginFault};
+use module_controller::plugin::{PluginConfig, PluginFault, PluginMetrics};
+use module_controller::rollout::ordering::StatusChange;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
 
 /// Directory of the built plugin components, building them first (once per test binary).
-/// `None` (after a loud message) only when the wasm32-wasip2 target cannot be installed.
-pub fn dist() -> Option<&'static Path> {
-    static DIST: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIST.get_or_init(build).as_deref()
+/// Panics with what to do when they cannot be built: a plugin test that cannot run its
+/// plugins fails, it never passes by skipping.
+pub fn dist() -> &'static Path {
+    static DIST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match DIST.get_or_init(build) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    }
 }
 
-fn build() -> Option<PathBuf> {
+fn build() -> Result<PathBuf, String> {
     let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
     let out = Command::new("bash")
         .arg(plugins.join("build.sh"))
@@ -27,44 +34,67 @@ fn build() -> Option<PathBuf> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .output()
-        .expect("running plugins/build.sh");
-    if !out.status.success() {
-        let target_ok = Command::new("rustup")
-            .args(["target", "list", "--installed"])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| l.trim() == "wasm32-wasip2")
-            })
-            .unwrap_or(false);
-        if !target_ok {
-            eprintln!(
-                "\n\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-                 !!! SKIPPING PLUGIN TESTS: the wasm32-wasip2 Rust target cannot be      !!!\n\
-                 !!! installed here (rustup target add wasm32-wasip2 failed).            !!!\n\
-                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n"
-            );
-            return None;
-        }
-        panic!(
-            "plugins/build.sh failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        .map_err(|e| format!("cannot run plugins/build.sh: {e}"))?;
+    if out.status.success() {
+        return Ok(plugins.join("dist"));
     }
-    Some(plugins.join("dist"))
+    let target_ok = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-wasip2")
+        })
+        .unwrap_or(false);
+    let hint = if target_ok {
+        "plugins/build.sh failed"
+    } else {
+        "the wasm32-wasip2 Rust target is missing and could not be installed: run \
+         `rustup target add wasm32-wasip2` (scripts/provision.sh does) and build the plugins \
+         with `bash plugins/build.sh`"
+    };
+    Err(format!(
+        "PLUGIN TESTS CANNOT RUN: {hint}\n--- build.sh stdout ---\n{}\n--- build.sh stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
-/// Returns early from a test when plugins cannot be built (after the loud message).
-#[macro_export]
-macro_rules! require_plugins {
-    () => {
-        match $crate::plugin_support::dist() {
-            Some(d) => d,
-            None => return,
-        }
-    };
+/// `n` varied status changes (mixed readiness, two revisions, creation times in 5 buckets).
+pub fn status_changes(n: u32) -> Vec<StatusChange> {
+    (0..n)
+        .map(|i| StatusChange {
+            pod_index: i,
+            creation_ts: 100 + i64::from(i % 5),
+            revision: i64::from(i % 2),
+            from_ready: i % 3 == 0,
+            to_ready: i % 2 == 1,
+            deleting: false,
+        })
+        .collect()
+}
+
+/// A registry like the controller's (prefix `module_controller`) with the plugin metrics in it.
+pub fn metrics() -> (Registry, PluginMetrics) {
+    let mut registry = Registry::with_prefix("module_controller");
+    let metrics = PluginMetrics::register(&mut registry);
+    (registry, metrics)
+}
+
+/// The text exposition of `registry`.
+pub fn scrape(registry: &Registry) -> String {
+    let mut out = String::new();
+    encode(&mut out, registry).expect("encoding metrics");
+    out
+}
+
+/// The value of the sample `name{labels}` (exact text before the value) in a scrape, 0 if absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The bytes of a built plugin, e.g. `plugin_bytes(dist, "default-ordering")`.

@@ -51,15 +51,15 @@ step "cargo fmt --check"
 cargo fmt --all -- --check --color="$FMT_COLOR" || fail "cargo fmt --check (run 'cargo fmt' to fix)"
 
 step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings || fail "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings || fail "cargo clippy"
 
 step "building tests"
-cargo test --all-targets --locked --no-run || fail "building tests"
+cargo test --workspace --all-targets --locked --no-run || fail "building tests"
 
 step "running tests (--test-threads=$THREADS)"
 TEST_LOG="$LOG_DIR/cargo-test.log"
 set +e
-cargo test --all-targets --locked --no-fail-fast -- --test-threads="$THREADS" 2>&1 | tee "$TEST_LOG"
+cargo test --workspace --all-targets --locked --no-fail-fast -- --test-threads="$THREADS" 2>&1 | tee "$TEST_LOG"
 status=${PIPESTATUS[0]}
 set -e
 

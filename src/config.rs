@@ -198,11 +198,94 @@ pub struct RunArgs {
     #[arg(long = "plugins-dir", env = "PLUGINS_DIR", value_name = "PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
 
+    /// Writable directory for precompiled plugins (never the mounted plugins directory).
+    #[arg(
+        long = "plugin-cache-dir",
+        env = "PLUGIN_CACHE_DIR",
+        value_name = "PLUGIN_CACHE_DIR"
+    )]
+    pub plugin_cache_dir: Option<PathBuf>,
+
+    /// CPU-time budget of one plugin call, in milliseconds.
+    #[arg(
+        long = "plugin-call-budget-ms",
+        env = "PLUGIN_CALL_BUDGET_MS",
+        value_name = "PLUGIN_CALL_BUDGET_MS",
+        default_value_t = 50
+    )]
+    pub plugin_call_budget_ms: u64,
+
+    /// Memory cap of one plugin instance (all its memories and tables), in MiB.
+    #[arg(
+        long = "plugin-memory-limit-mb",
+        env = "PLUGIN_MEMORY_LIMIT_MB",
+        value_name = "PLUGIN_MEMORY_LIMIT_MB",
+        default_value_t = 64
+    )]
+    pub plugin_memory_limit_mb: u64,
+
+    /// Largest plugin file accepted, in MiB.
+    #[arg(
+        long = "plugin-max-file-mb",
+        env = "PLUGIN_MAX_FILE_MB",
+        value_name = "PLUGIN_MAX_FILE_MB",
+        default_value_t = 16
+    )]
+    pub plugin_max_file_mb: u64,
+
+    /// Longest a plugin may take to compile, in seconds.
+    #[arg(
+        long = "plugin-compile-budget-secs",
+        env = "PLUGIN_COMPILE_BUDGET_SECS",
+        value_name = "PLUGIN_COMPILE_BUDGET_SECS",
+        default_value_t = 10
+    )]
+    pub plugin_compile_budget_secs: u64,
+
+    /// Threads that run plugin calls (never the async runtime's).
+    #[arg(
+        long = "plugin-workers",
+        env = "PLUGIN_WORKERS",
+        value_name = "PLUGIN_WORKERS",
+        default_value_t = 2
+    )]
+    pub plugin_workers: usize,
+
     /// Keep module Deployments labelled `virtual-kubelet.koupleless.io/strategy=peer` at one replica per Ready base of their cluster.
     #[arg(long = "enable-module-replicas-sync-with-base", env = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE",
           value_name = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE", default_value = "false",
           value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub enable_module_replicas_sync_with_base: bool,
+}
+
+/// Budgets of the plugin host (`PLUGIN_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Where precompiled plugins are cached (`None`: the user's cache directory).
+    pub cache_dir: Option<PathBuf>,
+    /// CPU-time budget of one call.
+    pub call_budget: Duration,
+    /// Memory cap of one instance, bytes.
+    pub memory_bytes: usize,
+    /// Largest plugin file, bytes.
+    pub max_file_bytes: u64,
+    /// Longest compile.
+    pub compile_budget: Duration,
+    /// Threads running plugin calls.
+    pub workers: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            cache_dir: None,
+            call_budget: Duration::from_millis(50),
+            memory_bytes: 64 << 20,
+            max_file_bytes: 16 << 20,
+            compile_budget: Duration::from_secs(10),
+            workers: 2,
+        }
+    }
 }
 
 /// Validated settings the controller runs with.
@@ -234,6 +317,8 @@ pub struct Settings {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Plugins directory.
     pub plugins_dir: Option<PathBuf>,
+    /// Budgets of the plugin host.
+    pub plugin_limits: PluginLimits,
     /// Peer-deployment replica sync.
     pub replicas_sync: bool,
     /// Longest hand-over retention of a module on a base during a rollout.
@@ -270,6 +355,7 @@ impl Settings {
             command_timeout: Duration::from_secs(15),
             metrics_addr: None,
             plugins_dir: None,
+            plugin_limits: PluginLimits::default(),
             replicas_sync: false,
             retention_timeout: Duration::from_secs(600),
         }
@@ -422,6 +508,33 @@ impl RunArgs {
                 reason: format!("{} is not a directory", d.display()),
             });
         }
+        let bounded = |variable: &'static str, v: u64, max: u64| {
+            if v == 0 || v > max {
+                Err(ConfigError {
+                    variable,
+                    reason: format!("{v} must be 1-{max}"),
+                })
+            } else {
+                Ok(v)
+            }
+        };
+        let plugin_limits = PluginLimits {
+            cache_dir: self.plugin_cache_dir.clone(),
+            call_budget: Duration::from_millis(bounded(
+                "PLUGIN_CALL_BUDGET_MS",
+                self.plugin_call_budget_ms,
+                10_000,
+            )?),
+            memory_bytes: (bounded("PLUGIN_MEMORY_LIMIT_MB", self.plugin_memory_limit_mb, 4096)?
+                << 20) as usize,
+            max_file_bytes: bounded("PLUGIN_MAX_FILE_MB", self.plugin_max_file_mb, 1024)? << 20,
+            compile_budget: Duration::from_secs(bounded(
+                "PLUGIN_COMPILE_BUDGET_SECS",
+                self.plugin_compile_budget_secs,
+                600,
+            )?),
+            workers: bounded("PLUGIN_WORKERS", self.plugin_workers as u64, 64)? as usize,
+        };
         Ok(Settings {
             env,
             client_id,
@@ -438,6 +551,7 @@ impl RunArgs {
             command_timeout: secs("COMMAND_TIMEOUT_SECS", self.command_timeout_secs)?,
             metrics_addr,
             plugins_dir: self.plugins_dir.clone(),
+            plugin_limits,
             replicas_sync: self.enable_module_replicas_sync_with_base,
             retention_timeout: Duration::from_secs(self.module_handover_timeout_secs),
         })

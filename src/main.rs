@@ -7,8 +7,7 @@ use clap::{Parser, Subcommand};
 use module_controller::config::RunArgs;
 use module_controller::controller::{self, ControllerDeps};
 use module_controller::metrics::Metrics;
-use module_controller::plugin::{PluginConfig, PluginHost};
-use module_controller::rollout::plugin_policies::PluginPolicies;
+use module_controller::plugin::{PluginConfig, PluginHost, PluginMetrics, PluginPolicies};
 use module_controller::rollout::{BuiltinPolicies, PolicySource};
 use tracing::{error, info};
 
@@ -58,19 +57,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(env = %settings.env, client_id = %settings.client_id, "starting module controller");
     let metrics = Metrics::new();
     let mut faults = None;
+    let mut pool = None;
     let (policies, codecs): (Arc<dyn PolicySource>, _) = match &settings.plugins_dir {
         Some(dir) => {
-            let host = PluginHost::start(PluginConfig::new(dir.clone()))
+            let mut cfg = PluginConfig::new(dir.clone());
+            let limits = &settings.plugin_limits;
+            if let Some(c) = &limits.cache_dir {
+                cfg.cache_dir = c.clone();
+            }
+            cfg.call_budget = limits.call_budget;
+            cfg.memory_limit_bytes = limits.memory_bytes;
+            cfg.max_file_bytes = limits.max_file_bytes;
+            cfg.compile_budget = limits.compile_budget;
+            cfg.pool_workers = limits.workers;
+            cfg.metrics = metrics.register_with(PluginMetrics::register);
+            let host = PluginHost::start(cfg)
                 .await
                 .with_context(|| format!("starting the plugin host on {}", dir.display()))?;
             for p in host.status() {
                 info!(plugin = %p.name, kind = ?p.kind, version = %p.version, "plugin loaded");
             }
-            // Faults raised before anyone subscribed only show here.
-            for f in host.load_errors() {
-                tracing::warn!(plugin = %f.plugin, reason = %f.reason, "plugin not loaded: {}", f.message);
-            }
             faults = Some(host.faults());
+            pool = Some(host.pool().clone());
             let codecs = host.codecs();
             (Arc::new(PluginPolicies(host)), codecs)
         }
@@ -78,7 +86,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let handle = controller::start(
         settings.clone(),
-        ControllerDeps::new(client, policies, codecs, metrics.clone()),
+        match pool {
+            Some(p) => {
+                ControllerDeps::new(client, policies, codecs, metrics.clone()).plugin_pool(p)
+            }
+            None => ControllerDeps::new(client, policies, codecs, metrics.clone()),
+        },
     )
     .await?;
     if let Some(f) = faults {

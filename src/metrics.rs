@@ -68,37 +68,6 @@ impl Metrics {
         if encode(&mut out, &reg).is_err() {
             out.clear();
         }
-        drop(reg);
-        let legacy = render();
-        // Both end with "# EOF"; keep one.
-        match out.strip_suffix("# EOF\n") {
-            Some(head) if !legacy.trim().is_empty() => format!("{head}{legacy}"),
-            _ => out,
-        }
+        out
     }
-}
-
-// Transitional: the plugin host still registers into a process-wide registry; it is appended
-// to every instance's exposition until the plugin metrics join `Metrics`.
-fn legacy() -> &'static Mutex<Registry> {
-    static REG: std::sync::OnceLock<Mutex<Registry>> = std::sync::OnceLock::new();
-    REG.get_or_init(|| Mutex::new(Registry::with_prefix("module_controller")))
-}
-
-/// Registers a family in the process-wide registry (plugin host only, transitional).
-pub fn register(name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
-    legacy()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .register(name, help, metric);
-}
-
-/// Text exposition of the process-wide registry (plugin host only, transitional).
-pub fn render() -> String {
-    let reg = legacy().lock().unwrap_or_else(|p| p.into_inner());
-    let mut out = String::new();
-    if encode(&mut out, &reg).is_err() {
-        out.clear();
-    }
-    out
 }

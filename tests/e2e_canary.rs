@@ -10,8 +10,7 @@ use std::time::Duration;
 use common::{TestEnv, eventually};
 use kube::api::{Patch, PatchParams};
 use module_controller::model::BaseCommand;
-use module_controller::plugin::{PluginConfig, PluginHost};
-use module_controller::rollout::plugin_policies::PluginPolicies;
+use module_controller::plugin::{PluginConfig, PluginHost, PluginPolicies};
 use serde_json::json;
 use testkit::sim::SimBase;
 
@@ -119,6 +118,7 @@ async fn canary_then_approval_then_waves() {
     let host = PluginHost::start(cfg).await.expect("plugin host");
 
     let mut env = TestEnv::new("canary").await;
+    env.pool = Some(host.pool().clone());
     env.policies = Arc::new(PluginPolicies(host));
     env.start_controller().await;
     let mut bases = Vec::new();

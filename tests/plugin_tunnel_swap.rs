@@ -67,6 +67,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
             host.codecs(),
             tx,
             mqtt_metrics.clone(),
+            Some(host.pool().clone()),
         )
         .expect("tunnel starts"),
     );

@@ -9,17 +9,13 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::apiserver::Api;
-use crate::base::BaseMetrics;
-use crate::base::effects::Effects;
+use crate::base::effects::{Effects, EffectsDeps};
 use crate::base::ledger::ModuleLedger;
 use crate::base::msg::BaseMsg;
 use crate::base::node_sync::{NodeSync, Verdict};
 use crate::base::plan::{self, PlanInput, PodInfo};
 use crate::model::{BaseCommand, ModuleSpec, TunnelEvent};
-use crate::rollout::PolicySource;
 use crate::time::now_time;
-use crate::tunnel::Tunnel;
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape;
 use crate::vpod::spec::{creation_secs, modules_of, owner_of};
@@ -115,27 +111,12 @@ pub struct BaseActor {
 
 impl BaseActor {
     /// A new task state for `base_id`.
-    pub fn new(
-        base_id: &str,
-        settings: Arc<ActorSettings>,
-        api: Api,
-        tunnel: Arc<dyn Tunnel>,
-        policies: Arc<dyn PolicySource>,
-        metrics: BaseMetrics,
-    ) -> Self {
+    pub fn new(base_id: &str, settings: Arc<ActorSettings>, deps: EffectsDeps) -> Self {
         let now = Instant::now();
         let node_name = shape::node_name(base_id, &settings.env);
         BaseActor {
-            tunnel_label: tunnel.label_for(base_id),
-            fx: Effects::new(
-                api,
-                tunnel,
-                base_id,
-                &node_name,
-                policies,
-                metrics,
-                settings.order,
-            ),
+            tunnel_label: deps.tunnel.label_for(base_id),
+            fx: Effects::new(base_id, &node_name, deps),
             settings,
             node: NodeSync::new(now),
             ledger: ModuleLedger::new(now),

@@ -17,14 +17,32 @@ use crate::base::actor::StatusOrder;
 use crate::base::node_sync::{NodeSync, NodeWrites};
 use crate::base::plan::PodInfo;
 use crate::model::BaseCommand;
+use crate::plugin::PluginPool;
 use crate::rollout::PolicySource;
-use crate::rollout::ordering::{StatusChange, Waves, default_waves, order_with};
+use crate::rollout::ordering::{OrderingError, StatusChange, Waves, default_waves, order_with};
 use crate::tunnel::Tunnel;
 use crate::vpod::spec::pod_key;
 use crate::vpod::status::is_ready;
 
 /// Reason prefixes of container problems that users must see as Events.
 const REPORTED_SOURCES: [&str; 3] = ["Arklet.", "User.", "ModuleController."];
+
+/// What an effects executor works with.
+#[derive(Clone)]
+pub struct EffectsDeps {
+    /// Apiserver writes.
+    pub api: Api,
+    /// The base's tunnel.
+    pub tunnel: Arc<dyn Tunnel>,
+    /// Ordering rules.
+    pub policies: Arc<dyn PolicySource>,
+    /// Counters.
+    pub metrics: BaseMetrics,
+    /// The order of status writes.
+    pub order: StatusOrder,
+    /// Where plugin calls run.
+    pub pool: Option<PluginPool>,
+}
 
 /// Performs what a base task decided.
 pub struct Effects {
@@ -35,29 +53,23 @@ pub struct Effects {
     policies: Arc<dyn PolicySource>,
     metrics: BaseMetrics,
     order: StatusOrder,
+    pool: Option<PluginPool>,
     /// Problems already published as Events, per pod uid (forgotten with the pod).
     reported: BTreeMap<String, HashSet<(String, String)>>,
 }
 
 impl Effects {
     /// An executor for one base.
-    pub fn new(
-        api: Api,
-        tunnel: Arc<dyn Tunnel>,
-        base_id: &str,
-        node_name: &str,
-        policies: Arc<dyn PolicySource>,
-        metrics: BaseMetrics,
-        order: StatusOrder,
-    ) -> Self {
+    pub fn new(base_id: &str, node_name: &str, deps: EffectsDeps) -> Self {
         Effects {
-            api,
-            tunnel,
+            api: deps.api,
+            tunnel: deps.tunnel,
             base_id: base_id.to_string(),
             node_name: node_name.to_string(),
-            policies,
-            metrics,
-            order,
+            policies: deps.policies,
+            metrics: deps.metrics,
+            order: deps.order,
+            pool: deps.pool,
             reported: BTreeMap::new(),
         }
     }
@@ -109,7 +121,7 @@ impl Effects {
                 }
             })
             .collect();
-        let waves = self.waves(&changes);
+        let waves = self.waves(changes.clone()).await;
         let mut written = Vec::new();
         for wave in waves {
             let writes = wave.iter().map(|&i| {
@@ -145,18 +157,33 @@ impl Effects {
         written
     }
 
-    fn waves(&self, changes: &[StatusChange]) -> Waves {
+    /// The waves the ordering rule proposes, checked (`order_with` enforces the invariant);
+    /// a plugin rule runs on the plugin pool, never on this task's thread.
+    async fn waves(&self, changes: Vec<StatusChange>) -> Waves {
         match self.order {
             StatusOrder::Lossless => {
                 let rule = self.policies.ordering();
-                let (waves, err) = order_with(rule.as_ref(), changes);
+                let name = rule.name().to_string();
+                let (waves, err) = match &self.pool {
+                    None => order_with(rule.as_ref(), &changes),
+                    Some(pool) => {
+                        let c = changes.clone();
+                        match pool.run(move || order_with(rule.as_ref(), &c)).await {
+                            Ok(r) => r,
+                            Err(e) => (
+                                default_waves(&changes),
+                                Some(OrderingError::RuleFailed(e.to_string())),
+                            ),
+                        }
+                    }
+                };
                 if let Some(e) = err {
-                    warn!(rule = rule.name(), error = %e, "ordering rule overruled; built-in order used");
+                    warn!(rule = %name, error = %e, "ordering rule overruled; built-in order used");
                 }
                 waves
             }
             #[cfg(feature = "test-switches")]
-            StatusOrder::UnsafeReadyFirst => default_waves(changes).into_iter().rev().collect(),
+            StatusOrder::UnsafeReadyFirst => default_waves(&changes).into_iter().rev().collect(),
         }
     }
 
@@ -349,13 +376,16 @@ mod tests {
         let client = kube::Client::new(svc, "default");
         let api = Api::new(client, 8, "test", ApiMetrics::default());
         let fx = Effects::new(
-            api,
-            Arc::new(NoTunnel),
             "b1",
             "vnode.b1.dev",
-            Arc::new(BuiltinPolicies),
-            BaseMetrics::default(),
-            StatusOrder::Lossless,
+            EffectsDeps {
+                api,
+                tunnel: Arc::new(NoTunnel),
+                policies: Arc::new(BuiltinPolicies),
+                metrics: BaseMetrics::default(),
+                order: StatusOrder::Lossless,
+                pool: None,
+            },
         );
         (fx, handle)
     }

@@ -3,7 +3,7 @@
 //! commands to the base and writes to the apiserver, in a safe order.
 
 pub mod actor;
-mod effects;
+pub mod effects;
 pub mod ledger;
 pub mod msg;
 pub mod node_sync;
@@ -15,6 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 pub use actor::{ActorExit, ActorSettings, BaseActor, StatusOrder};
+pub use effects::EffectsDeps;
 pub use msg::BaseMsg;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

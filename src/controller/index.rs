@@ -14,7 +14,7 @@ use kube::runtime::watcher;
 use tracing::{debug, info};
 
 use crate::base::BaseMsg;
-use crate::controller::gates::BatchGates;
+use crate::controller::gates::{BatchGates, GateDone, GateJob, Request, pending_note};
 use crate::rollout::gate::GatePod;
 use crate::rollout::{PolicySource, is_admit_all};
 use crate::vnode::shape;
@@ -40,6 +40,9 @@ pub enum Out {
     Rollouts(Arc<HashSet<String>>),
     /// The pod lists were (re)listed: every task gets its full pod list ([`Index::pods_on`]).
     Resynced,
+    /// A batch policy must be evaluated (off the loop); its result goes to
+    /// [`Index::on_gate_done`].
+    Evaluate(Box<GateJob>),
 }
 
 /// What the controller needs to know of a module Deployment.
@@ -112,6 +115,8 @@ pub struct Index {
     gates: BatchGates,
     /// The holds base tasks know of.
     sent_holds: HashMap<String, Note>,
+    /// Pods a completed evaluation of their owner's policy has decided on.
+    decided_pods: HashSet<String>,
 }
 
 impl Index {
@@ -130,6 +135,7 @@ impl Index {
             rollouts: Arc::new(HashSet::new()),
             gates: BatchGates::default(),
             sent_holds: HashMap::new(),
+            decided_pods: HashSet::new(),
         }
     }
 
@@ -226,6 +232,7 @@ impl Index {
                     if !elsewhere {
                         self.remove(&uid);
                         self.sent_holds.remove(&uid);
+                        self.decided_pods.remove(&uid);
                         pod_msgs.extend(self.route(&p, BaseMsg::PodRemoved(uid)));
                     }
                 }
@@ -340,6 +347,7 @@ impl Index {
             }
         }
         self.sent_holds.retain(|uid, _| pods.contains_key(uid));
+        self.decided_pods.retain(|uid| pods.contains_key(uid));
         self.pods.clear();
         self.by_node.clear();
         self.owners.clear();
@@ -411,7 +419,8 @@ impl Index {
         })
     }
 
-    /// Re-evaluates the batch policy of one owner's rollout and sends the holds that changed.
+    /// Asks for an evaluation of one owner's batch policy. Its pods that no evaluation has
+    /// decided on yet are held meanwhile.
     fn gate_owner(&mut self, owner: &str, now: Instant, out: &mut Vec<Out>) {
         let mut uids: Vec<(String, Option<String>)> = self
             .owners
@@ -423,6 +432,7 @@ impl Index {
         let policy = summary
             .and_then(|d| self.policies.batch_policy(&d.annotations))
             .filter(|p| !is_admit_all(p.as_ref()));
+        let policy_name = policy.as_ref().map(|p| p.name().to_string());
         let pods: Vec<GatePod> = uids
             .iter()
             .filter_map(|(u, h)| self.gate_pod(u, h))
@@ -430,12 +440,50 @@ impl Index {
         let (desired, annotations) = summary
             .map(|d| (d.replicas.max(0) as u32, d.annotations.clone()))
             .unwrap_or_default();
-        let holds = self
+        let undecided: Vec<String> = pods
+            .iter()
+            .filter(|p| !self.decided_pods.contains(&p.uid))
+            .map(|p| p.uid.clone())
+            .collect();
+        match self
             .gates
-            .evaluate(owner, policy, &pods, desired, &annotations, now);
-        for (uid, note) in holds {
-            self.set_hold(&uid, note, out);
+            .request(owner, policy, pods.clone(), desired, &annotations, now)
+        {
+            Request::Release => {
+                for p in pods {
+                    self.decided_pods.remove(&p.uid);
+                    self.set_hold(&p.uid, None, out);
+                }
+            }
+            request => {
+                let note = pending_note(policy_name.as_deref().unwrap_or_default());
+                for uid in undecided {
+                    if !self.sent_holds.contains_key(&uid) {
+                        self.set_hold(&uid, Some(note.clone()), out);
+                    }
+                }
+                if let Request::Run(job) = request {
+                    out.push(Out::Evaluate(job));
+                }
+            }
         }
+    }
+
+    /// Applies an evaluation's result.
+    pub fn on_gate_done(&mut self, done: GateDone, now: Instant) -> Vec<Out> {
+        let owner = done.owner.clone();
+        let (holds, again) = self.gates.complete(done);
+        let mut out = Vec::new();
+        for (uid, note) in holds {
+            if self.pods.contains_key(&uid) {
+                self.decided_pods.insert(uid.clone());
+                self.set_hold(&uid, note, &mut out);
+            }
+        }
+        if again {
+            self.gate_owner(&owner, now, &mut out);
+        }
+        out
     }
 
     /// Sets a pod's hold, telling its task only when it changes.
@@ -558,6 +606,7 @@ mod tests {
                     format!("rollouts:{v:?}")
                 }
                 Out::Resynced => "resynced".into(),
+                Out::Evaluate(j) => format!("evaluate:{}", j.owner),
             })
             .collect()
     }
@@ -645,21 +694,52 @@ mod tests {
         );
     }
 
+    /// Runs the evaluations in `out` as the loop would; returns the rest of `out` and what the
+    /// evaluations produced.
+    fn settle(ix: &mut Index, out: Vec<Out>, now: Instant) -> Vec<Out> {
+        let mut rest = Vec::new();
+        let mut jobs = Vec::new();
+        for o in out {
+            match o {
+                Out::Evaluate(j) => jobs.push(j),
+                other => rest.push(other),
+            }
+        }
+        for j in jobs {
+            let more = ix.on_gate_done(j.run(), now);
+            rest.extend(settle(ix, more, now));
+        }
+        rest
+    }
+
     #[test]
     fn a_held_pod_hears_its_hold_before_the_pod_itself() {
         let now = Instant::now();
         let mut ix = index();
         sync(&mut ix, now);
-        ix.on_deployment_event(watcher::Event::Apply(deployment(true)), now);
+        let out = ix.on_deployment_event(watcher::Event::Apply(deployment(true)), now);
+        assert_eq!(describe(&out), vec!["evaluate:ns/Deployment/d"]);
+        settle(&mut ix, out, now);
         let out = ix.on_pod_event(
             0,
             watcher::Event::Apply(pod("a", "u1", "h1", Some("vnode.b1.dev"), 0)),
             now,
         );
+        // Held while the policy has not decided, before the task hears of the pod.
         assert_eq!(
             describe(&out),
-            vec!["vnode.b1.dev:holds:u1=true", "vnode.b1.dev:upsert:a"]
+            vec![
+                "vnode.b1.dev:holds:u1=true",
+                "evaluate:ns/Deployment/d",
+                "vnode.b1.dev:upsert:a"
+            ]
         );
+        let out = settle(&mut ix, out, now);
+        let note = out.iter().rev().find_map(|o| match o {
+            Out::Base(_, BaseMsg::Holds(h)) => h[0].1.clone(),
+            _ => None,
+        });
+        assert_eq!(note.map(|n| n.message), Some("approval needed".to_string()));
         // A new task for b1 learns the hold before its pods.
         let boot = ix.bootstrap("vnode.b1.dev");
         assert!(
@@ -668,6 +748,30 @@ mod tests {
         // The policy is dropped from the Deployment: the hold is released.
         let out = ix.on_deployment_event(watcher::Event::Apply(deployment(false)), now);
         assert_eq!(describe(&out), vec!["vnode.b1.dev:holds:u1=false"]);
+    }
+
+    #[test]
+    fn pods_arriving_during_an_evaluation_stay_held_and_are_evaluated_next() {
+        let now = Instant::now();
+        let mut ix = index();
+        sync(&mut ix, now);
+        let out = ix.on_deployment_event(watcher::Event::Apply(deployment(true)), now);
+        let job = match out.into_iter().next() {
+            Some(Out::Evaluate(j)) => j,
+            other => panic!("{other:?}"),
+        };
+        let out = ix.on_pod_event(
+            0,
+            watcher::Event::Apply(pod("a", "u1", "h1", Some("vnode.b1.dev"), 0)),
+            now,
+        );
+        assert_eq!(
+            describe(&out),
+            vec!["vnode.b1.dev:holds:u1=true", "vnode.b1.dev:upsert:a"],
+            "queued behind the running evaluation, and held"
+        );
+        let out = ix.on_gate_done(job.run(), now);
+        assert_eq!(describe(&out), vec!["evaluate:ns/Deployment/d"]);
     }
 
     #[test]

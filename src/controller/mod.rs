@@ -31,6 +31,7 @@ use crate::base::{ActorSettings, BaseMsg, StatusOrder};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::model::{BaseEvent, BaseLifecycle, BaseMetadata, ModuleSpec, TunnelEvent};
+use crate::plugin::PluginPool;
 use crate::rollout::PolicySource;
 use crate::tunnel::Tunnel;
 use crate::tunnel::arklet_codec::ArkletCodec;
@@ -39,7 +40,8 @@ use crate::tunnel::http::{BaselineProvider, HttpTunnel};
 use crate::tunnel::mqtt::MqttTunnel;
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL, IDENTITY_ANNOTATION, TUNNEL_LABEL};
-use index::{Index, POD_STREAMS, pod_selector};
+use gates::{GateDone, GateJob};
+use index::{Index, Out, POD_STREAMS, pod_selector};
 use tasks::{Exit, TaskDeps, Tasks};
 
 pub use faults::report_plugin_faults;
@@ -90,6 +92,7 @@ pub struct ControllerDeps {
     codecs: watch::Receiver<CodecSet>,
     metrics: Arc<Metrics>,
     order: StatusOrder,
+    pool: Option<PluginPool>,
 }
 
 impl ControllerDeps {
@@ -107,7 +110,15 @@ impl ControllerDeps {
             codecs,
             metrics,
             order: StatusOrder::Lossless,
+            pool: None,
         }
+    }
+
+    /// Runs plugin calls (batch policies, ordering rules, tunnel adapters) on this pool, never
+    /// on the async runtime. Without it, only built-in rules are expected and they run inline.
+    pub fn plugin_pool(mut self, pool: PluginPool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Writes Ready before NotReady and keeps no hand-over: the loss the product prevents, for
@@ -228,6 +239,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
             deps.codecs.clone(),
             tx,
             metrics.mqtt.clone(),
+            deps.pool.clone(),
         )
         .with_context(|| format!("starting the MQTT tunnel to {}:{}", m.host, m.port))?;
         forward(rx, "mqtt", event_tx.clone());
@@ -285,6 +297,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
             tunnels,
             base_metrics: metrics.bases.clone(),
             metrics: metrics.controller.clone(),
+            pool: deps.pool.clone(),
         },
         exit_tx,
     );
@@ -310,11 +323,14 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         metrics.watches.clone(),
         cancel.child_token(),
     );
+    let (gate_tx, gate_rx) = mpsc::unbounded_channel();
     let core = Loop {
         env: settings.env.clone(),
         index: Index::new(&settings.env, deps.policies),
         tasks,
         metrics: metrics.clone(),
+        pool: deps.pool,
+        gate_tx,
     };
     let c = cancel.clone();
     let loop_api = api.clone();
@@ -327,6 +343,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
                 exits: exit_rx,
                 pods: pod_rx,
                 deployments: deploy_rx,
+                gates: gate_rx,
             },
             c,
         )
@@ -362,6 +379,7 @@ struct Inputs {
     exits: mpsc::UnboundedReceiver<Exit>,
     pods: Vec<mpsc::Receiver<watcher::Event<Pod>>>,
     deployments: mpsc::Receiver<watcher::Event<Deployment>>,
+    gates: mpsc::UnboundedReceiver<GateDone>,
 }
 
 /// The loop: never waits on anything but its inputs.
@@ -370,9 +388,55 @@ struct Loop {
     index: Index,
     tasks: Tasks,
     metrics: Arc<Metrics>,
+    pool: Option<PluginPool>,
+    gate_tx: mpsc::UnboundedSender<GateDone>,
 }
 
 impl Loop {
+    /// Hands the index's output on: evaluations to the plugin pool, the rest to the tasks.
+    fn deliver(&self, outs: Vec<Out>) {
+        let mut rest = Vec::with_capacity(outs.len());
+        for o in outs {
+            match o {
+                Out::Evaluate(job) => self.evaluate(job),
+                other => rest.push(other),
+            }
+        }
+        self.tasks.deliver(rest, &self.index);
+    }
+
+    /// Runs a batch-policy evaluation off the loop; its result comes back on `gate_tx`.
+    fn evaluate(&self, job: Box<GateJob>) {
+        let tx = self.gate_tx.clone();
+        let Some(pool) = self.pool.clone() else {
+            // Built-in policies only: cheap and pure, run here.
+            let _ = tx.send(job.run());
+            return;
+        };
+        tokio::spawn(async move {
+            let owner = job.owner.clone();
+            // The job comes back untouched when the pool refuses it, so its state is kept.
+            let slot = Arc::new(std::sync::Mutex::new(Some(job)));
+            let taken = slot.clone();
+            let result = pool
+                .run(move || {
+                    let job = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    job.map(|j| j.run())
+                })
+                .await;
+            let now = Instant::now();
+            let done = match result {
+                Ok(Some(done)) => done,
+                Ok(None) => GateDone::lost(owner, "evaluation job was empty", now),
+                Err(e) => match slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(job) => job.not_run(&e.to_string(), now),
+                    None => GateDone::lost(owner, &e.to_string(), now),
+                },
+            };
+            let _ = tx.send(done);
+        });
+    }
+
     async fn run(
         mut self,
         api: Api,
@@ -397,15 +461,19 @@ impl Loop {
                 Some((stream, ev)) = futures::StreamExt::next(&mut pods) => {
                     self.metrics.controller.pod_events.inc();
                     let out = self.index.on_pod_event(stream, ev, Instant::now());
-                    self.tasks.deliver(out, &self.index);
+                    self.deliver(out);
                 }
                 Some(ev) = inp.deployments.recv() => {
                     let out = self.index.on_deployment_event(ev, Instant::now());
-                    self.tasks.deliver(out, &self.index);
+                    self.deliver(out);
+                }
+                Some(done) = inp.gates.recv() => {
+                    let out = self.index.on_gate_done(done, Instant::now());
+                    self.deliver(out);
                 }
                 _ = tick.tick() => {
                     let out = self.index.recheck(Instant::now());
-                    self.tasks.deliver(out, &self.index);
+                    self.deliver(out);
                 }
             }
         }

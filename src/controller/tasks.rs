@@ -8,9 +8,10 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::apiserver::Api;
-use crate::base::{ActorExit, ActorSettings, BaseActor, BaseMetrics, BaseMsg};
+use crate::base::{ActorExit, ActorSettings, BaseActor, BaseMetrics, BaseMsg, EffectsDeps};
 use crate::controller::ControllerMetrics;
 use crate::controller::index::{Index, Out};
+use crate::plugin::PluginPool;
 use crate::rollout::PolicySource;
 use crate::tunnel::Tunnel;
 use crate::vnode::shape;
@@ -37,6 +38,8 @@ pub struct TaskDeps {
     pub base_metrics: BaseMetrics,
     /// Counters of the controller.
     pub metrics: ControllerMetrics,
+    /// Where plugin calls run, when plugins are loaded.
+    pub pool: Option<PluginPool>,
 }
 
 /// The running base tasks, by VNode name.
@@ -87,10 +90,14 @@ impl Tasks {
         let actor = BaseActor::new(
             base_id,
             self.deps.settings.clone(),
-            self.deps.api.clone(),
-            t,
-            self.deps.policies.clone(),
-            self.deps.base_metrics.clone(),
+            EffectsDeps {
+                api: self.deps.api.clone(),
+                tunnel: t,
+                policies: self.deps.policies.clone(),
+                metrics: self.deps.base_metrics.clone(),
+                order: self.deps.settings.order,
+                pool: self.deps.pool.clone(),
+            },
         );
         let exits = self.exits.clone();
         let span = info_span!("base", id = %base_id);
@@ -126,6 +133,9 @@ impl Tasks {
                     for t in self.tasks.values() {
                         let _ = t.tx.send(BaseMsg::Rollouts(r.clone()));
                     }
+                }
+                Out::Evaluate(job) => {
+                    debug!(owner = %job.owner, "evaluation reached the tasks; dropped");
                 }
                 Out::Resynced => {
                     for (node, t) in &self.tasks {

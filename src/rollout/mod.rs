@@ -5,7 +5,6 @@
 pub mod batch;
 pub mod gate;
 pub mod ordering;
-pub mod plugin_policies;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -13,9 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::model::{BaseCommand, BaseEvent};
+use crate::plugin::PluginPool;
 use crate::protocol::arklet::now_ms;
 use crate::tunnel::codec::{CodecSet, MessageCodec};
 use crate::tunnel::{Tunnel, TunnelError, TunnelMetrics};
+
+/// Plugin-adapter messages waiting for the plugin pool; beyond that they are dropped and
+/// counted (`overloaded`).
+const PLUGIN_DECODE_QUEUE: usize = 4096;
 
 /// Connection settings (from `MQTT_*` configuration).
 #[derive(Debug, Clone)]
@@ -48,6 +53,7 @@ struct Shared {
     base_codec: Mutex<HashMap<String, String>>,
     subscribed: Mutex<BTreeSet<String>>,
     metrics: TunnelMetrics,
+    pool: Option<PluginPool>,
 }
 
 impl Shared {
@@ -101,7 +107,15 @@ impl Shared {
         }
     }
 
-    fn route(&self, topic: &str, payload: &[u8], events: &mpsc::Sender<BaseEvent>) {
+    /// Decodes a message with the codec that handles its topic: the built-in Arklet codec
+    /// here, a plugin adapter on the plugin pool (through `plugin_jobs`, in arrival order).
+    fn route(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        events: &mpsc::Sender<BaseEvent>,
+        plugin_jobs: &mpsc::Sender<PluginDecode>,
+    ) {
         let codecs = self.all_codecs();
         // Plugins first: an adapter may claim topics the built-in codec would reject.
         let Some(codec) = codecs.iter().rev().find(|c| c.handles(topic)) else {
@@ -109,7 +123,31 @@ impl Shared {
             debug!(%topic, "message on a topic no codec handles");
             return;
         };
-        match codec.decode(topic, payload, now_ms()) {
+        if Arc::ptr_eq(codec, &self.builtin) || self.pool.is_none() {
+            let decoded = codec.decode(topic, payload, now_ms());
+            self.forward(codec.name(), decoded, events);
+            return;
+        }
+        let job = PluginDecode {
+            codec: codec.clone(),
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            received_ms: now_ms(),
+        };
+        if plugin_jobs.try_send(job).is_err() {
+            self.metrics.count_received("overloaded");
+            warn!(%topic, "tunnel adapter queue full; message dropped");
+        }
+    }
+
+    /// Forwards what a codec decoded, counting the outcome.
+    fn forward(
+        &self,
+        codec: &str,
+        decoded: Result<Vec<BaseEvent>, crate::tunnel::codec::DecodeError>,
+        events: &mpsc::Sender<BaseEvent>,
+    ) {
+        match decoded {
             Ok(evs) => {
                 self.metrics.count_received("ok");
                 for ev in evs {
@@ -117,7 +155,7 @@ impl Shared {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .entry(ev.base_id.clone())
-                        .or_insert_with(|| codec.name().to_string());
+                        .or_insert_with(|| codec.to_string());
                     if let Err(e) = events.try_send(ev) {
                         self.metrics.count_received("queue_full");
                         warn!(error = %e, "event queue full or closed; message dropped");
@@ -126,7 +164,38 @@ impl Shared {
             }
             Err(e) => {
                 self.metrics.count_received(e.label());
-                debug!(%topic, codec = codec.name(), error = %e, "message dropped");
+                debug!(codec, error = %e, "message dropped");
+            }
+        }
+    }
+}
+
+/// A message for a plugin tunnel adapter, decoded on the plugin pool.
+struct PluginDecode {
+    codec: Arc<dyn MessageCodec>,
+    topic: String,
+    payload: Vec<u8>,
+    received_ms: i64,
+}
+
+/// Decodes plugin-adapter messages one at a time on the plugin pool, so their order is kept
+/// and a slow adapter never stalls the broker connection.
+async fn run_plugin_decoder(
+    shared: Arc<Shared>,
+    pool: PluginPool,
+    mut jobs: mpsc::Receiver<PluginDecode>,
+    events: mpsc::Sender<BaseEvent>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let codec = job.codec.clone();
+        let decoded = pool
+            .run(move || job.codec.decode(&job.topic, &job.payload, job.received_ms))
+            .await;
+        match decoded {
+            Ok(d) => shared.forward(codec.name(), d, &events),
+            Err(e) => {
+                shared.metrics.count_received("codec_failed");
+                warn!(codec = codec.name(), error = %e, "tunnel adapter call failed; message dropped");
             }
         }
     }
@@ -147,6 +216,7 @@ impl MqttTunnel {
         mut plugin_codecs: watch::Receiver<CodecSet>,
         events: mpsc::Sender<BaseEvent>,
         metrics: TunnelMetrics,
+        pool: Option<PluginPool>,
     ) -> Result<MqttTunnel, TunnelError> {
         let opts = mqtt_options(settings)?;
         let (client, eventloop) = AsyncClient::new(opts, 1024);
@@ -158,12 +228,23 @@ impl MqttTunnel {
             base_codec: Mutex::new(HashMap::new()),
             subscribed: Mutex::new(BTreeSet::new()),
             metrics,
+            pool: pool.clone(),
         });
         let cancel = CancellationToken::new();
+        let (plugin_tx, plugin_rx) = mpsc::channel(PLUGIN_DECODE_QUEUE);
+        if let Some(pool) = pool {
+            tokio::spawn(run_plugin_decoder(
+                shared.clone(),
+                pool,
+                plugin_rx,
+                events.clone(),
+            ));
+        }
         tokio::spawn(run_eventloop(
             eventloop,
             shared.clone(),
             events,
+            plugin_tx,
             cancel.clone(),
             format!("{}:{}", settings.host, settings.port),
         ));
@@ -239,7 +320,16 @@ impl Tunnel for MqttTunnel {
     ) -> BoxFuture<'a, Result<(), TunnelError>> {
         Box::pin(async move {
             let codec = self.codec_for(base_id);
-            let msgs = codec.encode(base_id, cmd).map_err(|e| {
+            let encoded = match &self.shared.pool {
+                Some(pool) if !Arc::ptr_eq(&codec, &self.shared.builtin) => {
+                    let (base, c) = (base_id.to_string(), cmd.clone());
+                    pool.run(move || codec.encode(&base, &c))
+                        .await
+                        .map_err(|e| TunnelError::Encode(e.to_string()))?
+                }
+                _ => codec.encode(base_id, cmd),
+            };
+            let msgs = encoded.map_err(|e| {
                 self.shared.metrics.count_sent("encode_failed");
                 TunnelError::Encode(e.to_string())
             })?;
@@ -262,6 +352,7 @@ async fn run_eventloop(
     mut eventloop: EventLoop,
     shared: Arc<Shared>,
     events: mpsc::Sender<BaseEvent>,
+    plugin_jobs: mpsc::Sender<PluginDecode>,
     cancel: CancellationToken,
     broker: String,
 ) {
@@ -282,7 +373,7 @@ async fn run_eventloop(
                 tokio::spawn(async move { s.sync_subscriptions(true).await });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                shared.route(&p.topic, &p.payload, &events);
+                shared.route(&p.topic, &p.payload, &events, &plugin_jobs);
             }
             Ok(_) => {}
             Err(e) => {

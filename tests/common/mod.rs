@@ -55,6 +55,8 @@ pub struct TestEnv {
     pub vnode_ttl: Duration,
     /// Start controllers with the unsafe status order (negative controls only).
     pub unsafe_order: bool,
+    /// The plugin pool, when `policies` come from a plugin host.
+    pub pool: Option<module_controller::plugin::PluginPool>,
 }
 
 impl TestEnv {
@@ -93,6 +95,7 @@ impl TestEnv {
             policies: Arc::new(BuiltinPolicies),
             vnode_ttl: Duration::from_secs(600),
             unsafe_order: false,
+            pool: None,
         }
     }
 
@@ -131,6 +134,9 @@ impl TestEnv {
         );
         if self.unsafe_order {
             deps = deps.unsafe_status_order();
+        }
+        if let Some(pool) = &self.pool {
+            deps = deps.plugin_pool(pool.clone());
         }
         let handle = controller::start(settings, deps)
             .await

@@ -42,6 +42,7 @@ impl std::fmt::Debug for GateJob {
 impl GateJob {
     /// Runs the policy (this is the plugin call).
     pub fn run(mut self) -> GateDone {
+        let bound = self.bound();
         let (outcome, error) = gate::evaluate(
             self.policy.as_ref(),
             &mut self.state,
@@ -57,7 +58,18 @@ impl GateJob {
             failure: error.map(|e| (e.to_string(), self.policy.on_failure())),
             state: Some(self.state),
             outcome,
+            bound,
         }
+    }
+
+    /// The pods that were bound when the evaluation was asked for: only for them does its
+    /// answer decide anything (an unbound pod is not pending yet).
+    fn bound(&self) -> HashSet<String> {
+        self.pods
+            .iter()
+            .filter(|p| p.node.is_some())
+            .map(|p| p.uid.clone())
+            .collect()
     }
 
     /// The evaluation could not run: nothing changes, try again soon.
@@ -72,6 +84,7 @@ impl GateJob {
                 recheck_at: Some(now + RETRY_AFTER),
                 newly_admitted: Vec::new(),
             },
+            bound: HashSet::new(),
         }
     }
 }
@@ -89,6 +102,7 @@ impl GateDone {
                 recheck_at: Some(now + RETRY_AFTER),
                 newly_admitted: Vec::new(),
             },
+            bound: HashSet::new(),
         }
     }
 }
@@ -101,6 +115,7 @@ pub struct GateDone {
     failure: Option<(String, crate::rollout::batch::OnFailure)>,
     state: Option<GateState>,
     outcome: GateOutcome,
+    bound: HashSet<String>,
 }
 
 /// What a request to evaluate an owner leads to.
@@ -167,9 +182,12 @@ impl BatchGates {
         }))
     }
 
-    /// Takes an evaluation's result back: its holds, and whether to evaluate again at once
-    /// (something changed while it ran).
-    pub fn complete(&mut self, done: GateDone) -> (Vec<(String, Option<Note>)>, bool) {
+    /// Takes an evaluation's result back: its holds, the pods it decided on (those bound when
+    /// it was asked for), and whether to evaluate again at once (something changed meanwhile).
+    pub fn complete(
+        &mut self,
+        done: GateDone,
+    ) -> (Vec<(String, Option<Note>)>, HashSet<String>, bool) {
         let owner = done.owner;
         self.running.remove(&owner);
         if let Some(state) = done.state {
@@ -191,7 +209,7 @@ impl BatchGates {
             Some(t) => self.recheck.insert(owner.clone(), t),
             None => self.recheck.remove(&owner),
         };
-        (done.outcome.holds, self.dirty.remove(&owner))
+        (done.outcome.holds, done.bound, self.dirty.remove(&owner))
     }
 
     /// Owners whose policy asked to be evaluated again by `now`.

@@ -472,10 +472,12 @@ impl Index {
     /// Applies an evaluation's result.
     pub fn on_gate_done(&mut self, done: GateDone, now: Instant) -> Vec<Out> {
         let owner = done.owner.clone();
-        let (holds, again) = self.gates.complete(done);
+        let (holds, decided, again) = self.gates.complete(done);
         let mut out = Vec::new();
         for (uid, note) in holds {
-            if self.pods.contains_key(&uid) {
+            // A pod that was unbound when evaluated was not pending: it stays undecided (held
+            // once bound) until an evaluation sees it bound.
+            if self.pods.contains_key(&uid) && decided.contains(&uid) {
                 self.decided_pods.insert(uid.clone());
                 self.set_hold(&uid, note, &mut out);
             }
@@ -748,6 +750,31 @@ mod tests {
         // The policy is dropped from the Deployment: the hold is released.
         let out = ix.on_deployment_event(watcher::Event::Apply(deployment(false)), now);
         assert_eq!(describe(&out), vec!["vnode.b1.dev:holds:u1=false"]);
+    }
+
+    #[test]
+    fn a_pod_evaluated_unbound_is_held_when_it_binds() {
+        let now = Instant::now();
+        let mut ix = index();
+        sync(&mut ix, now);
+        let out = ix.on_deployment_event(watcher::Event::Apply(deployment(true)), now);
+        settle(&mut ix, out, now);
+        let out = ix.on_pod_event(0, watcher::Event::Apply(pod("a", "u1", "h1", None, 0)), now);
+        settle(&mut ix, out, now);
+        // Bound while nothing decided it as a bound pod: held before the task hears of it.
+        let out = ix.on_pod_event(
+            0,
+            watcher::Event::Apply(pod("a", "u1", "h1", Some("vnode.b1.dev"), 0)),
+            now,
+        );
+        assert_eq!(
+            describe(&out),
+            vec![
+                "vnode.b1.dev:holds:u1=true",
+                "evaluate:ns/Deployment/d",
+                "vnode.b1.dev:upsert:a"
+            ]
+        );
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub struct GateDone {
     bound: HashSet<String>,
 }
 
+/// What [`BatchGates::complete`] returns: the holds, the pods decided on, evaluate again.
+pub type Completed = (Vec<(String, Option<Note>)>, HashSet<String>, bool);
+
 /// What a request to evaluate an owner leads to.
 pub enum Request {
     /// No policy: every pod of the owner may install.
@@ -184,10 +187,7 @@ impl BatchGates {
 
     /// Takes an evaluation's result back: its holds, the pods it decided on (those bound when
     /// it was asked for), and whether to evaluate again at once (something changed meanwhile).
-    pub fn complete(
-        &mut self,
-        done: GateDone,
-    ) -> (Vec<(String, Option<Note>)>, HashSet<String>, bool) {
+    pub fn complete(&mut self, done: GateDone) -> Completed {
         let owner = done.owner;
         self.running.remove(&owner);
         if let Some(state) = done.state {

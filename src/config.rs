@@ -194,6 +194,26 @@ pub struct RunArgs {
     )]
     pub module_handover_timeout_secs: u64,
 
+    /// Seconds a module may take to start on its base before it shows
+    /// `Arklet.InstallModuleTimedOut` (the install is not sent again while the base works on it).
+    #[arg(
+        long = "module-install-timeout-secs",
+        env = "MODULE_INSTALL_TIMEOUT_SECS",
+        value_name = "MODULE_INSTALL_TIMEOUT_SECS",
+        default_value_t = 600
+    )]
+    pub module_install_timeout_secs: u64,
+
+    /// Seconds a module no pod asks for (e.g. on a base returning after its pods were evicted)
+    /// is kept before it is uninstalled, so that replacement pods find it still running.
+    #[arg(
+        long = "module-orphan-grace-secs",
+        env = "MODULE_ORPHAN_GRACE_SECS",
+        value_name = "MODULE_ORPHAN_GRACE_SECS",
+        default_value_t = 120
+    )]
+    pub module_orphan_grace_secs: u64,
+
     /// Directory of WASM plugins (and their manifest); empty for built-in behaviour only.
     #[arg(long = "plugins-dir", env = "PLUGINS_DIR", value_name = "PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
@@ -323,6 +343,10 @@ pub struct Settings {
     pub replicas_sync: bool,
     /// Longest hand-over retention of a module on a base during a rollout.
     pub retention_timeout: Duration,
+    /// Longest a module may take to start before it shows as timed out.
+    pub install_timeout: Duration,
+    /// How long a module no pod asks for is kept before it is uninstalled.
+    pub orphan_grace: Duration,
 }
 
 fn secs(variable: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -358,6 +382,8 @@ impl Settings {
             plugin_limits: PluginLimits::default(),
             replicas_sync: false,
             retention_timeout: Duration::from_secs(600),
+            install_timeout: Duration::from_secs(600),
+            orphan_grace: Duration::from_secs(120),
         }
     }
 
@@ -554,6 +580,12 @@ impl RunArgs {
             plugin_limits,
             replicas_sync: self.enable_module_replicas_sync_with_base,
             retention_timeout: Duration::from_secs(self.module_handover_timeout_secs),
+            install_timeout: Duration::from_secs(bounded(
+                "MODULE_INSTALL_TIMEOUT_SECS",
+                self.module_install_timeout_secs,
+                86_400,
+            )?),
+            orphan_grace: Duration::from_secs(self.module_orphan_grace_secs),
         })
     }
 }

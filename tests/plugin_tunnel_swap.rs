@@ -85,7 +85,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
             }
             s.first.entry(ev.base_id.clone()).or_insert(now);
             if let TunnelEvent::Operation(op) = &ev.event
-                && op.success
+                && op.outcome == module_controller::model::Outcome::Succeeded
             {
                 s.installs_ok
                     .entry(ev.base_id.clone())

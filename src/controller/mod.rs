@@ -39,7 +39,9 @@ use crate::tunnel::codec::CodecSet;
 use crate::tunnel::http::{BaselineProvider, HttpTunnel};
 use crate::tunnel::mqtt::MqttTunnel;
 use crate::vnode::liveness::LivenessPolicy;
-use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL, IDENTITY_ANNOTATION, TUNNEL_LABEL};
+use crate::vnode::shape::{
+    self, COMPONENT_LABEL, ENV_LABEL, IDENTITY_ANNOTATION, MODULE_URLS_ANNOTATION, TUNNEL_LABEL,
+};
 use gates::{GateDone, GateJob};
 use index::{Index, Out, POD_STREAMS, pod_selector};
 use tasks::{Exit, TaskDeps, Tasks};
@@ -50,8 +52,8 @@ pub use faults::report_plugin_faults;
 const TICK: Duration = Duration::from_millis(500);
 /// Longest wait for a base task to answer an HTTP base's queryBaseline.
 const BASELINE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest an Arklet HTTP call may take.
-const HTTP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest an Arklet HTTP list or health call may take.
+const HTTP_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Events from all tunnels waiting for the loop.
 const EVENT_QUEUE: usize = 8192;
 
@@ -252,7 +254,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
             SocketAddr::from(([0, 0, 0, 0], port)),
             tx,
             Arc::new(ChannelBaseline(baseline_tx.clone())),
-            HTTP_CALL_TIMEOUT,
+            (HTTP_QUERY_TIMEOUT, settings.install_timeout),
             metrics.http.clone(),
         )
         .await
@@ -286,6 +288,8 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         command_timeout: settings.command_timeout,
         tick: TICK,
         retention_timeout: settings.retention_timeout,
+        install_timeout: settings.install_timeout,
+        orphan_grace: settings.orphan_grace,
         order: deps.order,
     });
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
@@ -522,7 +526,14 @@ impl Loop {
                     } else {
                         "mqtt"
                     };
-                    let boot = self.index.bootstrap(name);
+                    let mut boot = self.index.bootstrap(name);
+                    let urls = n
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(MODULE_URLS_ANNOTATION))
+                        .cloned();
+                    boot.insert(0, BaseMsg::Adopted { urls });
                     self.tasks.spawn(&id, tunnel, boot);
                 }
             }

@@ -134,6 +134,16 @@ impl Tasks {
                         let _ = t.tx.send(BaseMsg::Rollouts(r.clone()));
                     }
                 }
+                Out::Wanted(w) => {
+                    for t in self.tasks.values() {
+                        let _ = t.tx.send(BaseMsg::Wanted(w.clone()));
+                    }
+                }
+                Out::Peers(p) => {
+                    for t in self.tasks.values() {
+                        let _ = t.tx.send(BaseMsg::Peers(p.clone()));
+                    }
+                }
                 Out::Evaluate(job) => {
                     debug!(owner = %job.owner, "evaluation reached the tasks; dropped");
                 }

@@ -2,8 +2,9 @@
 
 use crate::model::{BaseCommand, BaseEvent, TunnelEvent};
 use crate::protocol::arklet::{
-    Envelope, WireBaseMetadata, WireBatchInstallResponse, WireBizOperation, WireHealth,
-    WireHeartbeat, WireInstallBiz, WireLegacyBizResponse, WireSimpleBiz, WireUninstallBiz,
+    Envelope, UNINSTALL_THEN_INSTALL, WireBaseMetadata, WireBatchInstallResponse,
+    WireBizInfoResponse, WireBizOperation, WireHealth, WireHeartbeat, WireInstallBiz,
+    WireSimpleBiz, WireUninstallBiz,
 };
 use crate::protocol::mqtt_topics::{self, UpTopic, down};
 use crate::tunnel::codec::{DecodeError, EncodeError, MessageCodec, OutMessage};
@@ -97,7 +98,7 @@ impl MessageCodec for ArkletCodec {
                 TunnelEvent::ModuleList(list.iter().map(WireSimpleBiz::to_model).collect())
             }
             UpTopic::Biz => {
-                let resp: WireLegacyBizResponse = fresh(parse(payload)?, kind, now_ms)?;
+                let resp: WireBizInfoResponse = fresh(parse(payload)?, kind, now_ms)?;
                 if !resp.code.eq_ignore_ascii_case("SUCCESS") {
                     return Err(DecodeError::Ignored(format!("biz code {:?}", resp.code)));
                 }
@@ -128,6 +129,13 @@ impl MessageCodec for ArkletCodec {
         };
         let (suffix, payload) = match cmd {
             BaseCommand::Install(spec) => (down::INSTALL_BIZ, json(&WireInstallBiz::from(spec))),
+            BaseCommand::Reinstall(spec) => (
+                down::INSTALL_BIZ,
+                json(&WireInstallBiz {
+                    install_strategy: Some(UNINSTALL_THEN_INSTALL.into()),
+                    ..WireInstallBiz::from(spec)
+                }),
+            ),
             BaseCommand::Uninstall(key) => (
                 down::UNINSTALL_BIZ,
                 json(&WireUninstallBiz {

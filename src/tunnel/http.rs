@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::model::{BaseCommand, BaseEvent, BaseMetadata, ModuleSpec, OperationKind, TunnelEvent};
 use crate::protocol::arklet::{
-    WireBaseMetadata, WireHealthData, WireHeartbeat, WireInstallBiz, WireOperationData,
-    WireResponse, WireSimpleBiz, WireUninstallBiz, operation_result,
+    UNINSTALL_THEN_INSTALL, WireBaseMetadata, WireBizInfo, WireHealthData, WireHeartbeat,
+    WireInstallBiz, WireOperationData, WireResponse, WireUninstallBiz, operation_result,
 };
 use crate::tunnel::{Tunnel, TunnelError, TunnelMetrics};
 
@@ -40,6 +40,10 @@ struct Inner {
     http: reqwest::Client,
     baseline: Arc<dyn BaselineProvider>,
     metrics: TunnelMetrics,
+    /// Longest wait for a list or health answer.
+    query_timeout: Duration,
+    /// Longest wait for an install or uninstall answer.
+    operation_timeout: Duration,
 }
 
 /// The HTTP tunnel handle.
@@ -50,16 +54,18 @@ pub struct HttpTunnel {
 }
 
 impl HttpTunnel {
-    /// Listens on `listen` and forwards events to `events`.
+    /// Listens on `listen` and forwards events to `events`; `timeouts` bound the answers to
+    /// queries and to installs/uninstalls.
     pub async fn start(
         listen: SocketAddr,
         events: mpsc::Sender<BaseEvent>,
         baseline: Arc<dyn BaselineProvider>,
-        call_timeout: Duration,
+        timeouts: (Duration, Duration),
         metrics: TunnelMetrics,
     ) -> Result<HttpTunnel, TunnelError> {
+        let (query_timeout, operation_timeout) = timeouts;
         let http = reqwest::Client::builder()
-            .timeout(call_timeout)
+            .connect_timeout(query_timeout)
             .build()
             .map_err(|e| TunnelError::Config(format!("HTTP client: {e}")))?;
         let inner = Arc::new(Inner {
@@ -68,6 +74,8 @@ impl HttpTunnel {
             http,
             baseline,
             metrics,
+            query_timeout,
+            operation_timeout,
         });
         let app = Router::new()
             .route("/heartbeat", post(heartbeat))
@@ -172,6 +180,7 @@ impl Inner {
         base_id: &str,
         path: &str,
         body: &B,
+        timeout: Duration,
     ) -> Result<WireResponse<T>, String> {
         let url = format!(
             "{}/{path}",
@@ -182,6 +191,7 @@ impl Inner {
             .http
             .post(&url)
             .json(body)
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| format!("POST {url}: {e}"))?;
@@ -210,15 +220,21 @@ impl Inner {
     }
 
     async fn query_all(&self, base_id: &str) {
+        // Over HTTP the list is `BizInfo` objects, not the MQTT `simpleBiz` shape.
         match self
-            .call::<_, Vec<WireSimpleBiz>>(base_id, "queryAllBiz", &serde_json::json!({}))
+            .call::<_, Vec<WireBizInfo>>(
+                base_id,
+                "queryAllBiz",
+                &serde_json::json!({}),
+                self.query_timeout,
+            )
             .await
         {
             Ok(r) if r.code.eq_ignore_ascii_case("SUCCESS") => {
                 let list = r.data.unwrap_or_default();
                 self.emit(
                     base_id,
-                    TunnelEvent::ModuleList(list.iter().map(WireSimpleBiz::to_model).collect()),
+                    TunnelEvent::ModuleList(list.iter().map(WireBizInfo::to_model).collect()),
                 )
                 .await;
             }
@@ -227,13 +243,26 @@ impl Inner {
         }
     }
 
-    async fn operate(&self, base_id: &str, kind: OperationKind, spec: ModuleSpec) {
+    async fn operate(
+        &self,
+        base_id: &str,
+        kind: OperationKind,
+        spec: ModuleSpec,
+        strategy: Option<&str>,
+    ) {
+        // Install and uninstall answer when done, which for a module that starts slowly takes
+        // minutes: wait as long as the install deadline, not the short query timeout.
         let reply = match kind {
             OperationKind::Install => {
+                let body = WireInstallBiz {
+                    install_strategy: strategy.map(str::to_string),
+                    ..WireInstallBiz::from(&spec)
+                };
                 self.call::<_, WireOperationData>(
                     base_id,
                     "installBiz",
-                    &WireInstallBiz::from(&spec),
+                    &body,
+                    self.operation_timeout,
                 )
                 .await
             }
@@ -242,8 +271,13 @@ impl Inner {
                     biz_name: spec.name.clone(),
                     biz_version: spec.version.clone(),
                 };
-                self.call::<_, WireOperationData>(base_id, "uninstallBiz", &body)
-                    .await
+                self.call::<_, WireOperationData>(
+                    base_id,
+                    "uninstallBiz",
+                    &body,
+                    self.operation_timeout,
+                )
+                .await
             }
         };
         match reply {
@@ -259,7 +293,17 @@ impl Inner {
     async fn execute(self: Arc<Self>, base_id: String, cmd: BaseCommand) {
         match cmd {
             BaseCommand::Install(spec) => {
-                self.operate(&base_id, OperationKind::Install, spec).await
+                self.operate(&base_id, OperationKind::Install, spec, None)
+                    .await
+            }
+            BaseCommand::Reinstall(spec) => {
+                self.operate(
+                    &base_id,
+                    OperationKind::Install,
+                    spec,
+                    Some(UNINSTALL_THEN_INSTALL),
+                )
+                .await
             }
             BaseCommand::Uninstall(key) => {
                 let spec = ModuleSpec {
@@ -267,17 +311,24 @@ impl Inner {
                     version: key.version,
                     url: String::new(),
                 };
-                self.operate(&base_id, OperationKind::Uninstall, spec).await
+                self.operate(&base_id, OperationKind::Uninstall, spec, None)
+                    .await
             }
             BaseCommand::Baseline(specs) => {
                 for spec in specs {
-                    self.operate(&base_id, OperationKind::Install, spec).await;
+                    self.operate(&base_id, OperationKind::Install, spec, None)
+                        .await;
                 }
             }
             BaseCommand::QueryAllModules => self.query_all(&base_id).await,
             BaseCommand::QueryHealth => {
                 match self
-                    .call::<_, WireHealthData>(&base_id, "health", &serde_json::json!({}))
+                    .call::<_, WireHealthData>(
+                        &base_id,
+                        "health",
+                        &serde_json::json!({}),
+                        self.query_timeout,
+                    )
                     .await
                 {
                     Ok(r) => {

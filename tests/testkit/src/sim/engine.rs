@@ -13,7 +13,8 @@ use super::wire::{self, Reply};
 pub(super) async fn execute(shared: &Shared, cmd: &BaseCommand) -> Reply {
     let id = shared.log_id();
     match cmd {
-        BaseCommand::Install(spec) => {
+        // The old simulator has no install strategies (the Arklet double does).
+        BaseCommand::Install(spec) | BaseCommand::Reinstall(spec) => {
             let started = Instant::now();
             tokio::time::sleep(shared.latency()).await;
             let outcome = shared.update(|s| s.install(spec, now_ms()));

@@ -271,11 +271,56 @@ pub struct RunArgs {
     )]
     pub plugin_workers: usize,
 
+    /// Several replicas share the bases through per-VNode Leases (the reference's cluster mode).
+    #[arg(long = "is-cluster", env = "IS_CLUSTER", value_name = "IS_CLUSTER",
+          default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub is_cluster: bool,
+
+    /// How strongly a replica's load delays its claims of new bases (0: no delay).
+    #[arg(
+        long = "workload-max-level",
+        env = "WORKLOAD_MAX_LEVEL",
+        value_name = "WORKLOAD_MAX_LEVEL",
+        default_value_t = 3
+    )]
+    pub workload_max_level: u32,
+
+    /// Namespace of the ownership Leases (default: POD_NAMESPACE, else `default`).
+    #[arg(long = "namespace", env = "NAMESPACE", value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Seconds an ownership Lease lasts without renewal: the longest a dead replica's bases
+    /// wait for another replica.
+    #[arg(
+        long = "owner-lease-secs",
+        env = "OWNER_LEASE_SECS",
+        value_name = "OWNER_LEASE_SECS",
+        default_value_t = 15
+    )]
+    pub owner_lease_secs: u64,
+
+    /// This replica's IP, where the others forward HTTP heartbeats of bases it owns.
+    #[arg(long = "pod-ip", env = "POD_IP", value_name = "POD_IP")]
+    pub pod_ip: Option<String>,
+
     /// Keep module Deployments labelled `virtual-kubelet.koupleless.io/strategy=peer` at one replica per Ready base of their cluster.
     #[arg(long = "enable-module-replicas-sync-with-base", env = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE",
           value_name = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE", default_value = "false",
           value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub enable_module_replicas_sync_with_base: bool,
+}
+
+/// How replicas share the bases (`IS_CLUSTER=true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Namespace of the ownership Leases.
+    pub namespace: String,
+    /// Ownership Lease duration.
+    pub lease: Duration,
+    /// `WORKLOAD_MAX_LEVEL`.
+    pub max_level: u32,
+    /// Host (IP) the other replicas reach this one's HTTP tunnel at.
+    pub advertise_host: Option<String>,
 }
 
 /// Budgets of the plugin host (`PLUGIN_*`).
@@ -341,6 +386,8 @@ pub struct Settings {
     pub plugin_limits: PluginLimits,
     /// Peer-deployment replica sync.
     pub replicas_sync: bool,
+    /// Several replicas share the bases (`None`: this replica drives every base).
+    pub cluster: Option<ClusterSettings>,
     /// Longest hand-over retention of a module on a base during a rollout.
     pub retention_timeout: Duration,
     /// Longest a module may take to start before it shows as timed out.
@@ -381,6 +428,7 @@ impl Settings {
             plugins_dir: None,
             plugin_limits: PluginLimits::default(),
             replicas_sync: false,
+            cluster: None,
             retention_timeout: Duration::from_secs(600),
             install_timeout: Duration::from_secs(600),
             orphan_grace: Duration::from_secs(120),
@@ -579,6 +627,30 @@ impl RunArgs {
             plugins_dir: self.plugins_dir.clone(),
             plugin_limits,
             replicas_sync: self.enable_module_replicas_sync_with_base,
+            cluster: if self.is_cluster {
+                let namespace = self
+                    .namespace
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .or_else(|| {
+                        std::env::var("POD_NAMESPACE")
+                            .ok()
+                            .filter(|n| !n.is_empty())
+                    })
+                    .unwrap_or_else(|| "default".into());
+                Some(ClusterSettings {
+                    namespace,
+                    lease: Duration::from_secs(bounded(
+                        "OWNER_LEASE_SECS",
+                        self.owner_lease_secs,
+                        3600,
+                    )?),
+                    max_level: self.workload_max_level,
+                    advertise_host: self.pod_ip.clone().filter(|h| !h.is_empty()),
+                })
+            } else {
+                None
+            },
             retention_timeout: Duration::from_secs(self.module_handover_timeout_secs),
             install_timeout: Duration::from_secs(bounded(
                 "MODULE_INSTALL_TIMEOUT_SECS",

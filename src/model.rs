@@ -269,6 +269,9 @@ pub enum TunnelEvent {
         /// Why.
         reason: String,
     },
+    /// A command some controller replica sent the base (seen on the broker): the replica that
+    /// takes the base over later knows it is in flight.
+    CommandSeen(BaseCommand),
 }
 
 /// A [`TunnelEvent`] attributed to a base.

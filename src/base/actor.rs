@@ -48,6 +48,12 @@ pub struct ActorSettings {
     pub install_timeout: Duration,
     /// How long a module no pod asks for is kept before it is uninstalled.
     pub orphan_grace: Duration,
+    /// Whether a new task starts by driving its base (one replica) or only observing it until
+    /// this replica owns the base (several replicas share the bases).
+    pub owned_from_start: bool,
+    /// How long an observer keeps a drained or expired base before letting go (the owner
+    /// removes its VNode; should the owner be gone, the observer takes over meanwhile).
+    pub observer_linger: Duration,
     /// In which order status writes go out.
     pub order: StatusOrder,
 }
@@ -123,6 +129,10 @@ pub struct BaseActor {
     metadata: Option<BaseMetadata>,
     /// Uninstall failures to report on the pods that asked for the module.
     uninstall_failures: Vec<(ModuleKey, String)>,
+    /// This replica drives the base (else it only keeps its state warm for a takeover).
+    owned: bool,
+    /// When an observer saw the base drain or expire.
+    ending_since: Option<Instant>,
 }
 
 impl BaseActor {
@@ -133,7 +143,6 @@ impl BaseActor {
         BaseActor {
             tunnel_label: deps.tunnel.label_for(base_id),
             fx: Effects::new(base_id, &node_name, deps),
-            settings,
             node: NodeSync::new(now),
             ledger: ModuleLedger::new(now),
             bound: BoundPods::default(),
@@ -141,6 +150,9 @@ impl BaseActor {
             pending_baseline: Vec::new(),
             metadata: None,
             uninstall_failures: Vec::new(),
+            owned: settings.owned_from_start,
+            ending_since: None,
+            settings,
         }
     }
 
@@ -201,6 +213,15 @@ impl BaseActor {
             BaseMsg::Rollouts(r) => self.bound.rollouts = r,
             BaseMsg::Wanted(w) => self.bound.wanted = w,
             BaseMsg::Peers(p) => self.bound.peers = p,
+            BaseMsg::Ownership(owned) => {
+                if owned && !self.owned {
+                    info!("this replica now drives the base");
+                    self.ledger.took_over(now);
+                } else if !owned && self.owned {
+                    info!("another replica drives the base now; observing");
+                }
+                self.owned = owned;
+            }
             BaseMsg::Adopted { urls } => {
                 if let Some(u) = urls {
                     self.ledger.restore_urls(&u);
@@ -275,6 +296,12 @@ impl BaseActor {
                 }
             }
             TunnelEvent::Unreachable { reason } => debug!(%reason, "base unreachable"),
+            TunnelEvent::CommandSeen(cmd) => {
+                // Our own commands come back too; only another replica's matter.
+                if !self.owned {
+                    self.ledger.command_seen(&cmd, now);
+                }
+            }
         }
     }
 
@@ -284,6 +311,9 @@ impl BaseActor {
         let (verdict, changed) = self.node.assess(&self.settings.liveness, now);
         if let Some((from, to)) = changed {
             info!(?from, ?to, "base liveness changed");
+        }
+        if !self.owned {
+            return self.observe(verdict, now);
         }
         let alive = match verdict {
             Verdict::Drain => {
@@ -346,6 +376,21 @@ impl BaseActor {
             self.bound.pods.remove(&uid);
         }
         None
+    }
+
+    /// An observer only keeps its state warm; it lets go of a base that drained or expired
+    /// once the owner had time to remove the VNode.
+    fn observe(&mut self, verdict: Verdict, now: Instant) -> Option<ActorExit> {
+        let exit = match verdict {
+            Verdict::Drain => ActorExit::Drained,
+            Verdict::Expire => ActorExit::Expired,
+            Verdict::Serve(_) => {
+                self.ending_since = None;
+                return None;
+            }
+        };
+        let since = *self.ending_since.get_or_insert(now);
+        (now.saturating_duration_since(since) >= self.settings.observer_linger).then_some(exit)
     }
 
     async fn answer_baseline(&mut self, now: Instant) {

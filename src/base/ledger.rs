@@ -71,6 +71,29 @@ impl ModuleLedger {
         self.next_query_at = now;
     }
 
+    /// This replica takes the base over: ask what it runs at once.
+    pub fn took_over(&mut self, now: Instant) {
+        self.next_query_at = now;
+    }
+
+    /// Another replica sent the base a command: it is in flight (not to be sent again).
+    pub fn command_seen(&mut self, cmd: &BaseCommand, now: Instant) {
+        let (kind, key, url, replace) = match cmd {
+            BaseCommand::Install(s) => {
+                (OperationKind::Install, s.key(), Some(s.url.clone()), false)
+            }
+            BaseCommand::Reinstall(s) => {
+                (OperationKind::Install, s.key(), Some(s.url.clone()), true)
+            }
+            BaseCommand::Uninstall(k) => (OperationKind::Uninstall, k.clone(), None, false),
+            _ => return,
+        };
+        self.inflight.entry((kind, key)).or_insert(InFlight {
+            replace,
+            ..InFlight::new(now, url)
+        });
+    }
+
     /// The base reported health.
     pub fn health_received(&mut self) {
         self.health_known = true;

@@ -32,6 +32,8 @@ pub enum BaseMsg {
     Wanted(Arc<HashSet<ModuleKey>>),
     /// The peer Deployments of this env (replaces the previous list).
     Peers(Arc<Vec<PeerTemplate>>),
+    /// This replica now drives the base (`true`) or only observes it (`false`).
+    Ownership(bool),
     /// The VNode existed before this task: what the previous controller recorded on it.
     Adopted {
         /// `name@version` → package URL, as recorded on the VNode.

@@ -157,8 +157,9 @@ impl Tasks {
         }
     }
 
-    /// A task ended; forgets it unless a newer task for the same base already runs.
-    pub fn on_exit(&mut self, node: &str, generation: u64, exit: ActorExit) {
+    /// A task ended; forgets it unless a newer task for the same base already runs. True when
+    /// the base has no task any more.
+    pub fn on_exit(&mut self, node: &str, generation: u64, exit: ActorExit) -> bool {
         info!(node, ?exit, "base task ended");
         self.deps.metrics.task_exits.inc();
         if self
@@ -168,8 +169,10 @@ impl Tasks {
         {
             self.tasks.remove(node);
             self.deps.metrics.bases.dec();
+            true
         } else {
             debug!(node, "an older task of the base ended");
+            false
         }
     }
 

@@ -28,6 +28,15 @@ use crate::tunnel::{Tunnel, TunnelError, TunnelMetrics};
 /// Default Arklet HTTP port of a base that does not say.
 pub const DEFAULT_ARKLET_PORT: u16 = 1238;
 
+/// Header marking a heartbeat one replica forwards to another (never forwarded again).
+pub const FORWARDED_HEADER: &str = "x-module-controller-forwarded";
+
+/// Where heartbeats of a base owned by another replica go (several replicas share the bases).
+pub trait Forwarding: Send + Sync {
+    /// The HTTP tunnel URL of the replica that owns `base_id`, when another replica does.
+    fn owner_endpoint(&self, base_id: &str) -> Option<String>;
+}
+
 /// Answers a base's `queryBaseline`: the modules it should run.
 pub trait BaselineProvider: Send + Sync {
     /// Modules for the base `metadata.identity`.
@@ -44,6 +53,7 @@ struct Inner {
     query_timeout: Duration,
     /// Longest wait for an install or uninstall answer.
     operation_timeout: Duration,
+    forwarding: Option<Arc<dyn Forwarding>>,
 }
 
 /// The HTTP tunnel handle.
@@ -62,6 +72,7 @@ impl HttpTunnel {
         baseline: Arc<dyn BaselineProvider>,
         timeouts: (Duration, Duration),
         metrics: TunnelMetrics,
+        forwarding: Option<Arc<dyn Forwarding>>,
     ) -> Result<HttpTunnel, TunnelError> {
         let (query_timeout, operation_timeout) = timeouts;
         let http = reqwest::Client::builder()
@@ -76,6 +87,7 @@ impl HttpTunnel {
             metrics,
             query_timeout,
             operation_timeout,
+            forwarding,
         });
         let app = Router::new()
             .route("/heartbeat", post(heartbeat))
@@ -122,7 +134,11 @@ fn parse_body<T: DeserializeOwned>(inner: &Inner, body: &[u8]) -> Result<T, Box<
     })
 }
 
-async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
+async fn heartbeat(
+    State(inner): State<Arc<Inner>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let hb: WireHeartbeat = match parse_body(&inner, &body) {
         Ok(h) => h,
         Err(r) => return *r,
@@ -132,6 +148,16 @@ async fn heartbeat(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> 
     if id.is_empty() {
         inner.metrics.count_received("malformed");
         return (StatusCode::BAD_REQUEST, "baseMetadata.identity is required").into_response();
+    }
+    // A base a load balancer sent to a replica that does not own it: the owner hears it too
+    // (this replica keeps it as an observer, for a takeover).
+    if !headers.contains_key(FORWARDED_HEADER)
+        && let Some(owner) = inner
+            .forwarding
+            .as_ref()
+            .and_then(|f| f.owner_endpoint(&id))
+    {
+        inner.forward(&owner, body.clone()).await;
     }
     let port = hb.port.unwrap_or(DEFAULT_ARKLET_PORT);
     inner
@@ -167,6 +193,30 @@ async fn query_baseline(State(inner): State<Arc<Inner>>, body: axum::body::Bytes
 }
 
 impl Inner {
+    async fn forward(&self, owner: &str, body: axum::body::Bytes) {
+        let url = format!("{}/heartbeat", owner.trim_end_matches('/'));
+        let sent = self
+            .http
+            .post(&url)
+            .header(FORWARDED_HEADER, "1")
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(self.query_timeout)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => self.metrics.count_sent("heartbeat_forwarded"),
+            Ok(r) => {
+                self.metrics.count_sent("heartbeat_forward_failed");
+                debug!(%url, status = %r.status(), "heartbeat not taken by the owner");
+            }
+            Err(e) => {
+                self.metrics.count_sent("heartbeat_forward_failed");
+                debug!(%url, error = %e, "heartbeat not forwarded to the owner");
+            }
+        }
+    }
+
     fn endpoint(&self, base_id: &str) -> Option<String> {
         self.endpoints
             .lock()

@@ -117,6 +117,23 @@ pub struct RunArgs {
     )]
     pub http_tunnel_listen_port: u16,
 
+    /// Shared token bases (or the proxy in front of them) must send as
+    /// `Authorization: Bearer <token>` to the HTTP tunnel; unset: no authentication.
+    #[arg(
+        long = "http-tunnel-token",
+        env = "HTTP_TUNNEL_TOKEN",
+        value_name = "HTTP_TUNNEL_TOKEN",
+        hide_env_values = true
+    )]
+    pub http_tunnel_token: Option<String>,
+
+    /// Connect to a TLS broker without verifying its certificate (as the reference did). Off
+    /// by default; only for brokers whose certificate cannot be verified.
+    #[arg(long = "mqtt-tls-insecure-skip-verify", env = "MQTT_TLS_INSECURE_SKIP_VERIFY",
+          value_name = "MQTT_TLS_INSECURE_SKIP_VERIFY", default_value = "false",
+          value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub mqtt_tls_insecure_skip_verify: bool,
+
     /// Maximum concurrent apiserver writes across all VNodes.
     #[arg(
         long = "vnode-worker-num",
@@ -364,6 +381,8 @@ pub struct Settings {
     pub mqtt: Option<crate::tunnel::mqtt::MqttSettings>,
     /// HTTP tunnel port, when enabled.
     pub http_port: Option<u16>,
+    /// Shared token of the HTTP tunnel, when required.
+    pub http_token: Option<String>,
     /// Concurrent apiserver writes.
     pub workers: usize,
     /// Expected heartbeat period.
@@ -417,6 +436,7 @@ impl Settings {
             client_id: format!("local-{env}"),
             mqtt: None,
             http_port: None,
+            http_token: None,
             workers: 8,
             heartbeat_period: period,
             liveness_timeout: period * 3,
@@ -447,6 +467,7 @@ impl Settings {
             client_cert_path: None,
             client_key_path: None,
             keep_alive: Duration::from_secs(5),
+            insecure_skip_verify: false,
         });
         self
     }
@@ -543,6 +564,7 @@ impl RunArgs {
                 client_cert_path: self.mqtt_client_crt_path.clone(),
                 client_key_path: self.mqtt_client_key_path.clone(),
                 keep_alive: Duration::from_secs(30),
+                insecure_skip_verify: self.mqtt_tls_insecure_skip_verify,
             })
         } else {
             None
@@ -616,6 +638,7 @@ impl RunArgs {
             http_port: self
                 .enable_http_tunnel
                 .then_some(self.http_tunnel_listen_port),
+            http_token: self.http_tunnel_token.clone().filter(|t| !t.is_empty()),
             workers: self.vnode_worker_num,
             heartbeat_period,
             liveness_timeout: heartbeat_period * self.heartbeat_misses,

@@ -40,7 +40,7 @@ use crate::shard::{ShardSettings, Shards};
 use crate::tunnel::Tunnel;
 use crate::tunnel::arklet_codec::ArkletCodec;
 use crate::tunnel::codec::CodecSet;
-use crate::tunnel::http::{BaselineProvider, HttpTunnel};
+use crate::tunnel::http::{BaselineProvider, HttpTunnel, HttpTunnelConfig};
 use crate::tunnel::mqtt::MqttTunnel;
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape::{
@@ -263,10 +263,14 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
     if let Some(port) = settings.http_port {
         let (tx, rx) = mpsc::channel::<BaseEvent>(EVENT_QUEUE);
         let t = HttpTunnel::start(
-            SocketAddr::from(([0, 0, 0, 0], port)),
+            HttpTunnelConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], port)),
+                query_timeout: HTTP_QUERY_TIMEOUT,
+                operation_timeout: settings.install_timeout,
+                token: settings.http_token.clone(),
+            },
             tx,
             Arc::new(ChannelBaseline(baseline_tx.clone())),
-            (HTTP_QUERY_TIMEOUT, settings.install_timeout),
             metrics.http.clone(),
             settings
                 .cluster

@@ -54,6 +54,24 @@ struct Inner {
     /// Longest wait for an install or uninstall answer.
     operation_timeout: Duration,
     forwarding: Option<Arc<dyn Forwarding>>,
+    token: Option<String>,
+}
+
+/// Largest request body a base may send (heartbeats and baseline queries are a few hundred
+/// bytes); larger ones are answered 413 without being read.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How the HTTP tunnel listens and waits.
+#[derive(Debug, Clone)]
+pub struct HttpTunnelConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Longest wait for a list or health answer from a base.
+    pub query_timeout: Duration,
+    /// Longest wait for an install or uninstall answer.
+    pub operation_timeout: Duration,
+    /// When set, `/heartbeat` and `/queryBaseline` need `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 /// The HTTP tunnel handle.
@@ -64,17 +82,20 @@ pub struct HttpTunnel {
 }
 
 impl HttpTunnel {
-    /// Listens on `listen` and forwards events to `events`; `timeouts` bound the answers to
-    /// queries and to installs/uninstalls.
+    /// Listens as `cfg` says and forwards events to `events`.
     pub async fn start(
-        listen: SocketAddr,
+        cfg: HttpTunnelConfig,
         events: mpsc::Sender<BaseEvent>,
         baseline: Arc<dyn BaselineProvider>,
-        timeouts: (Duration, Duration),
         metrics: TunnelMetrics,
         forwarding: Option<Arc<dyn Forwarding>>,
     ) -> Result<HttpTunnel, TunnelError> {
-        let (query_timeout, operation_timeout) = timeouts;
+        let HttpTunnelConfig {
+            listen,
+            query_timeout,
+            operation_timeout,
+            token,
+        } = cfg;
         let http = reqwest::Client::builder()
             .connect_timeout(query_timeout)
             .build()
@@ -88,10 +109,12 @@ impl HttpTunnel {
             query_timeout,
             operation_timeout,
             forwarding,
+            token,
         });
         let app = Router::new()
             .route("/heartbeat", post(heartbeat))
             .route("/queryBaseline", post(query_baseline))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
             TunnelError::Config(format!("HTTP tunnel cannot listen on {listen}: {e}"))
@@ -134,11 +157,38 @@ fn parse_body<T: DeserializeOwned>(inner: &Inner, body: &[u8]) -> Result<T, Box<
     })
 }
 
+/// Whether the request carries the shared token (always, when none is configured).
+fn authorized(inner: &Inner, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = &inner.token else {
+        return true;
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Same time whatever the first differing byte: the token is not guessable byte by byte.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn unauthorized(inner: &Inner) -> Response {
+    inner.metrics.count_received("unauthorized");
+    (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+}
+
 async fn heartbeat(
     State(inner): State<Arc<Inner>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if !authorized(&inner, &headers) {
+        return unauthorized(&inner);
+    }
     let hb: WireHeartbeat = match parse_body(&inner, &body) {
         Ok(h) => h,
         Err(r) => return *r,
@@ -180,7 +230,14 @@ async fn heartbeat(
     (StatusCode::OK, "SUCCESS").into_response()
 }
 
-async fn query_baseline(State(inner): State<Arc<Inner>>, body: axum::body::Bytes) -> Response {
+async fn query_baseline(
+    State(inner): State<Arc<Inner>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&inner, &headers) {
+        return unauthorized(&inner);
+    }
     let md: WireBaseMetadata = match parse_body(&inner, &body) {
         Ok(m) => m,
         Err(r) => return *r,
@@ -199,6 +256,7 @@ impl Inner {
             .http
             .post(&url)
             .header(FORWARDED_HEADER, "1")
+            .bearer_auth(self.token.clone().unwrap_or_default())
             .header("content-type", "application/json")
             .body(body)
             .timeout(self.query_timeout)
@@ -428,5 +486,101 @@ impl Tunnel for HttpTunnel {
             tokio::spawn(self.inner.clone().execute(base_id.to_string(), cmd.clone()));
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tunnel's HTTP surface as a base (or anyone else) sees it.
+
+    use super::*;
+
+    struct NoBaseline;
+    impl BaselineProvider for NoBaseline {
+        fn baseline<'a>(&'a self, _: &'a BaseMetadata) -> BoxFuture<'a, Vec<ModuleSpec>> {
+            Box::pin(async { Vec::new() })
+        }
+    }
+
+    async fn tunnel(token: Option<&str>) -> (HttpTunnel, mpsc::Receiver<BaseEvent>, String) {
+        let (tx, rx) = mpsc::channel(16);
+        let t = HttpTunnel::start(
+            HttpTunnelConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                query_timeout: Duration::from_secs(2),
+                operation_timeout: Duration::from_secs(2),
+                token: token.map(str::to_string),
+            },
+            tx,
+            Arc::new(NoBaseline),
+            TunnelMetrics::default(),
+            None,
+        )
+        .await
+        .expect("listens");
+        let url = format!("http://{}", t.local_addr());
+        (t, rx, url)
+    }
+
+    const HEARTBEAT: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/http/heartbeat.json"
+    ));
+
+    #[tokio::test]
+    async fn bad_requests_get_clear_answers_and_nothing_reaches_the_controller() {
+        let (t, mut rx, url) = tunnel(None).await;
+        let c = reqwest::Client::new();
+        let post = |body: Vec<u8>| c.post(format!("{url}/heartbeat")).body(body).send();
+        let r = post(b"{not json".to_vec()).await.expect("answer");
+        assert_eq!(r.status(), 400);
+        let r = post(br#"{"baseMetadata":{}}"#.to_vec())
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), 400, "identity required");
+        let r = post(vec![b' '; MAX_BODY_BYTES + 1]).await.expect("answer");
+        assert_eq!(r.status(), 413);
+        let r = c
+            .get(format!("{url}/heartbeat"))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), 405);
+        assert!(rx.try_recv().is_err(), "nothing forwarded");
+        let r = post(HEARTBEAT.as_bytes().to_vec()).await.expect("answer");
+        assert_eq!(r.status(), 200);
+        let ev = rx.recv().await.expect("heartbeat event");
+        assert_eq!(ev.base_id, "192.168.1.10");
+        assert_eq!(t.inner.metrics.received("malformed"), 2);
+    }
+
+    #[tokio::test]
+    async fn with_a_token_only_bearers_of_it_are_heard() {
+        let (_t, mut rx, url) = tunnel(Some("s3cret")).await;
+        let c = reqwest::Client::new();
+        for auth in [None, Some("Bearer wrong!"), Some("Bearer s3cre")] {
+            let mut req = c.post(format!("{url}/heartbeat")).body(HEARTBEAT);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            assert_eq!(req.send().await.expect("answer").status(), 401, "{auth:?}");
+        }
+        let r = c
+            .post(format!("{url}/queryBaseline"))
+            .body(r#"{"identity":"x"}"#)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), 401);
+        assert!(rx.try_recv().is_err());
+        let r = c
+            .post(format!("{url}/heartbeat"))
+            .bearer_auth("s3cret")
+            .body(HEARTBEAT)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), 200);
+        assert!(rx.recv().await.is_some());
     }
 }

@@ -25,6 +25,9 @@ use crate::vnode::shape::{self, NodeShapeInput};
 use crate::vpod::spec::{creation_secs, modules_of, owner_of};
 use crate::vpod::status::Note;
 
+/// How often a base task plans when nothing changed.
+const IDLE_REPLAN: Duration = Duration::from_secs(2);
+
 /// Settings every base task shares.
 #[derive(Debug, Clone)]
 pub struct ActorSettings {
@@ -133,6 +136,11 @@ pub struct BaseActor {
     owned: bool,
     /// When an observer saw the base drain or expire.
     ending_since: Option<Instant>,
+    /// Something changed since the last plan.
+    dirty: bool,
+    last_plan: Option<Instant>,
+    /// The module URLs last recorded for the VNode, and the ledger version they are from.
+    urls: (u64, String),
 }
 
 impl BaseActor {
@@ -152,6 +160,9 @@ impl BaseActor {
             uninstall_failures: Vec::new(),
             owned: settings.owned_from_start,
             ending_since: None,
+            dirty: true,
+            last_plan: None,
+            urls: (u64::MAX, String::new()),
             settings,
         }
     }
@@ -180,6 +191,7 @@ impl BaseActor {
 
     fn handle(&mut self, m: BaseMsg) {
         let now = Instant::now();
+        self.dirty = true;
         match m {
             BaseMsg::Event(ev) => self.on_event(ev, now),
             BaseMsg::PodUpsert(pod) => self.bound.upsert(pod),
@@ -269,7 +281,7 @@ impl BaseActor {
             }
             TunnelEvent::Health(h) => {
                 self.node.seen(now);
-                self.node.health = Some(h);
+                self.node.on_health(h);
                 self.ledger.health_received();
             }
             TunnelEvent::ModuleList(list) => {
@@ -325,22 +337,40 @@ impl BaseActor {
             }
             Verdict::Serve(alive) => alive,
         };
-        let urls = self.ledger.url_annotation();
+        if self.urls.0 != self.ledger.urls_version() {
+            self.urls = (self.ledger.urls_version(), self.ledger.url_annotation());
+            self.node.touch();
+        }
         let params = VNodeParams {
             env: &self.settings.env,
             tunnel: &self.tunnel_label,
             env_taint: self.settings.env_taint,
             lease_every: self.settings.lease_renew,
-            module_urls: &urls,
+            module_urls: &self.urls.1,
         };
         let writes = self.node.due(&params, alive, now);
+        let quiet = writes.apply.is_none() && writes.status.is_none();
         self.fx.write_node(&mut self.node, writes, now).await;
+        if quiet {
+            self.node.settled();
+        }
         if alive {
             self.answer_baseline(now).await;
             for q in self.ledger.queries_due(now, self.settings.resync) {
                 self.fx.send(&q).await;
             }
         }
+        // Plans follow changes; without any, a slow beat still catches what time alone changes
+        // (retry and grace deadlines).
+        if !self.dirty
+            && self
+                .last_plan
+                .is_some_and(|t| now.saturating_duration_since(t) < IDLE_REPLAN)
+        {
+            return None;
+        }
+        self.dirty = false;
+        self.last_plan = Some(now);
         let wanted = self.wanted();
         let decided = plan::plan(&self.plan_input(alive, now, &wanted));
         self.ledger.track_orphans(&decided, now);

@@ -36,6 +36,7 @@ pub struct ModuleLedger {
     pub urls: HashMap<ModuleKey, String>,
     /// Since when each module no pod asks for has been so.
     pub orphan_since: HashMap<ModuleKey, Instant>,
+    urls_version: u64,
     next_query_at: Instant,
     last_query_at: Option<Instant>,
     health_known: bool,
@@ -52,6 +53,7 @@ impl ModuleLedger {
             uninstall_failures: HashMap::new(),
             urls: HashMap::new(),
             orphan_since: HashMap::new(),
+            urls_version: 0,
             next_query_at: now,
             last_query_at: None,
             health_known: false,
@@ -130,7 +132,7 @@ impl ModuleLedger {
         });
         for (key, url) in settled {
             if let Some(url) = url {
-                self.urls.insert(key, url);
+                self.set_url(key, url);
             }
         }
         for (key, m) in &map {
@@ -156,7 +158,11 @@ impl ModuleLedger {
             }
         }
         self.retained.retain(|k, _| map.contains_key(k));
+        let before = self.urls.len();
         self.urls.retain(|k, _| map.contains_key(k));
+        if self.urls.len() != before {
+            self.urls_version += 1;
+        }
         self.uninstall_failures.retain(|k, _| map.contains_key(k));
         self.orphan_since.retain(|k, _| map.contains_key(k));
         self.reported = Some(map);
@@ -183,7 +189,7 @@ impl ModuleLedger {
                 if let Some(f) = self.inflight.get_mut(&slot) {
                     if f.replace {
                         if let Some(url) = f.url.clone() {
-                            self.urls.insert(key.clone(), url);
+                            self.set_url(key.clone(), url);
                         }
                         self.inflight.remove(&slot);
                     } else {
@@ -341,6 +347,18 @@ impl ModuleLedger {
             self.inflight.insert(slot, f);
         }
         out
+    }
+
+    fn set_url(&mut self, key: ModuleKey, url: String) {
+        if self.urls.get(&key) != Some(&url) {
+            self.urls.insert(key, url);
+            self.urls_version += 1;
+        }
+    }
+
+    /// Changes with every change of [`Self::urls`].
+    pub fn urls_version(&self) -> u64 {
+        self.urls_version
     }
 
     /// What to keep on the VNode about this base's modules: `name@version` → package URL.

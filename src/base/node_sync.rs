@@ -12,9 +12,10 @@ use crate::time::now_time;
 use crate::vnode::liveness::{Liveness, LivenessPolicy};
 use crate::vnode::shape::{self, NodeReadiness, NodeShapeInput};
 
-/// Node status is rewritten at least this often while nothing changes, as the kubelet does: the
-/// node lifecycle controller may overwrite the Ready condition, and nodes are not watched.
-const NODE_STATUS_REFRESH: Duration = Duration::from_secs(60);
+/// Node status is rewritten at least this often while nothing changes, as the kubelet does
+/// (its `nodeStatusReportFrequency`): the node lifecycle controller may overwrite the Ready
+/// condition, and nodes are not watched. The Lease is the heartbeat in between.
+const NODE_STATUS_REFRESH: Duration = Duration::from_secs(300);
 
 /// What a base task should do about its base's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +60,9 @@ pub struct NodeSync {
     /// Latest heartbeat.
     pub heartbeat: Option<BaseHeartbeat>,
     /// Latest health report.
-    pub health: Option<BaseHealth>,
+    health: Option<BaseHealth>,
+    /// Something the Node or its status is made of changed since the last writes.
+    dirty: bool,
     last_seen: Instant,
     draining: bool,
     liveness: Liveness,
@@ -77,6 +80,7 @@ impl NodeSync {
         NodeSync {
             heartbeat: None,
             health: None,
+            dirty: true,
             last_seen: now,
             draining: false,
             liveness: Liveness::Alive,
@@ -105,7 +109,18 @@ impl NodeSync {
         if hb.lifecycle == BaseLifecycle::Deactivated {
             self.draining = true;
         }
-        self.heartbeat = Some(hb);
+        if self.heartbeat.as_ref() != Some(&hb) {
+            self.dirty = true;
+            self.heartbeat = Some(hb);
+        }
+    }
+
+    /// A health report arrived.
+    pub fn on_health(&mut self, health: BaseHealth) {
+        if self.health != Some(health) {
+            self.dirty = true;
+            self.health = Some(health);
+        }
     }
 
     /// Decides the base's fate now; a liveness change is returned for the log.
@@ -126,6 +141,7 @@ impl NodeSync {
             changed = Some((self.liveness, liveness));
             self.liveness = liveness;
             self.ready_since = now_time();
+            self.dirty = true;
         }
         (Verdict::Serve(liveness == Liveness::Alive), changed)
     }
@@ -147,6 +163,20 @@ impl NodeSync {
             lease_every,
             module_urls,
         } = *vnode;
+        let lease = alive
+            && self
+                .lease_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= lease_every);
+        let stale = self
+            .status_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= NODE_STATUS_REFRESH);
+        if !self.dirty && !stale && self.node_uid.is_some() {
+            // Steady state: only the Lease, when due.
+            return NodeWrites {
+                lease,
+                ..Default::default()
+            };
+        }
         let Some(hb) = &self.heartbeat else {
             // An adopted VNode whose base has not spoken since we started: only mark it NotReady.
             let status = (!alive && self.status.is_none()).then(not_ready_minimal);
@@ -177,9 +207,6 @@ impl NodeSync {
             NodeReadiness::NotReady
         };
         let status = shape::status(&input, readiness, self.ready_since.clone(), now_time());
-        let stale = self
-            .status_at
-            .is_none_or(|t| now.saturating_duration_since(t) >= NODE_STATUS_REFRESH);
         let status = (apply.is_some()
             || stale
             || self
@@ -187,10 +214,6 @@ impl NodeSync {
                 .as_ref()
                 .is_none_or(|w| shape::status_differs(w, &status)))
         .then_some(status);
-        let lease = alive
-            && self
-                .lease_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= lease_every);
         NodeWrites {
             apply,
             status,
@@ -219,11 +242,30 @@ impl NodeSync {
     pub fn status_written(&mut self, status: NodeStatus, now: Instant) {
         self.status = Some(status);
         self.status_at = Some(now);
+        self.dirty = false;
+    }
+
+    /// The writes due were checked and none was needed: nothing to compute until a change.
+    pub fn settled(&mut self) {
+        if self.status.is_some() && self.node_uid.is_some() {
+            self.dirty = false;
+        }
+    }
+
+    /// The base's health, when reported.
+    pub fn health(&self) -> Option<&BaseHealth> {
+        self.health.as_ref()
     }
 
     /// The Node is gone (deleted by someone else): apply it again.
     pub fn node_missing(&mut self) {
         self.node_uid = None;
+        self.dirty = true;
+    }
+
+    /// Something the Node is made of changed outside the base (e.g. module URLs to record).
+    pub fn touch(&mut self) {
+        self.dirty = true;
     }
 
     /// The Lease was renewed.
@@ -249,7 +291,7 @@ fn not_ready_minimal() -> NodeStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::BaseMetadata;
+    use crate::model::{BaseHealth, BaseMetadata};
 
     fn hb(lifecycle: BaseLifecycle) -> BaseHeartbeat {
         BaseHeartbeat {
@@ -335,5 +377,39 @@ mod tests {
         assert!(w.apply.is_none() && !w.lease);
         n.status_written(w.status.expect("minimal status"), t0);
         assert_eq!(n.due(&P, false, t0), NodeWrites::default());
+    }
+
+    #[test]
+    fn steady_state_writes_only_the_lease_and_small_health_moves_write_nothing() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
+        let health = |committed: i64| BaseHealth {
+            max_metaspace: Some(1 << 30),
+            committed_metaspace: Some(committed),
+            used_metaspace: Some(committed / 2),
+        };
+        n.on_health(health(100 << 20));
+        let w = n.due(&P, true, t0);
+        n.node_applied(w.apply.expect("apply"), Some("uid".into()));
+        n.status_written(w.status.expect("status"), t0);
+        n.lease_renewed(t0);
+        // The same heartbeat again, and metaspace growing by 1 MiB: nothing to write.
+        n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
+        n.on_health(health(101 << 20));
+        let w = n.due(&P, true, t0 + Duration::from_millis(100));
+        assert!(w.apply.is_none() && w.status.is_none(), "{w:?}");
+        n.settled();
+        let w = n.due(&P, true, t0 + LEASE);
+        assert_eq!(
+            w,
+            NodeWrites {
+                lease: true,
+                ..Default::default()
+            }
+        );
+        // Half the metaspace committed: a real change.
+        n.on_health(health(512 << 20));
+        assert!(n.due(&P, true, t0 + LEASE).status.is_some());
     }
 }

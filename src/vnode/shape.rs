@@ -308,7 +308,9 @@ pub fn status(
     }
 }
 
-/// Whether two statuses differ in anything but heartbeat timestamps.
+/// Whether two statuses differ in anything but heartbeat timestamps and small moves of the
+/// memory a JVM commits (within 2 %: metaspace grows as classes load, and writing that to the
+/// apiserver every health report would cost a Node write per base and minute for nothing).
 pub fn status_differs(a: &NodeStatus, b: &NodeStatus) -> bool {
     let strip = |s: &NodeStatus| {
         let mut s = s.clone();
@@ -319,9 +321,29 @@ pub fn status_differs(a: &NodeStatus, b: &NodeStatus) -> bool {
             }
             c.sort_by(|x, y| x.type_.cmp(&y.type_));
         }
-        (s.addresses, s.capacity, s.allocatable, s.conditions)
+        let memory = |m: &mut Option<BTreeMap<String, Quantity>>| {
+            m.as_mut().and_then(|m| m.remove("memory")).map(|q| q.0)
+        };
+        let mem = (memory(&mut s.capacity), memory(&mut s.allocatable));
+        ((s.addresses, s.capacity, s.allocatable, s.conditions), mem)
     };
-    strip(a) != strip(b)
+    let (a, (cap_a, alloc_a)) = strip(a);
+    let (b, (cap_b, alloc_b)) = strip(b);
+    a != b || cap_a != cap_b || !close(alloc_a.as_deref(), alloc_b.as_deref())
+}
+
+/// Two memory quantities within 2 % of each other (both absent counts as equal).
+fn close(a: Option<&str>, b: Option<&str>) -> bool {
+    let bytes = |q: &str| q.parse::<f64>().ok();
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) if a == b => true,
+        (Some(a), Some(b)) => match (bytes(a), bytes(b)) {
+            (Some(x), Some(y)) => (x - y).abs() <= 0.02 * x.abs().max(y.abs()),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 #[cfg(test)]

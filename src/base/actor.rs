@@ -337,37 +337,27 @@ impl BaseActor {
             }
             Verdict::Serve(alive) => alive,
         };
-        if self.urls.0 != self.ledger.urls_version() {
-            self.urls = (self.ledger.urls_version(), self.ledger.url_annotation());
-            self.node.touch();
-        }
-        let params = VNodeParams {
-            env: &self.settings.env,
-            tunnel: &self.tunnel_label,
-            env_taint: self.settings.env_taint,
-            lease_every: self.settings.lease_renew,
-            module_urls: &self.urls.1,
-        };
-        let writes = self.node.due(&params, alive, now);
-        let quiet = writes.apply.is_none() && writes.status.is_none();
-        self.fx.write_node(&mut self.node, writes, now).await;
-        if quiet {
-            self.node.settled();
-        }
+        // Modules first: a pod's install and status never wait behind a Lease renewal.
         if alive {
             self.answer_baseline(now).await;
             for q in self.ledger.queries_due(now, self.settings.resync) {
                 self.fx.send(&q).await;
             }
         }
-        // Plans follow changes; without any, a slow beat still catches what time alone changes
-        // (retry and grace deadlines).
+        self.drive_modules(alive, now).await;
+        self.sync_vnode(alive, now).await;
+        None
+    }
+
+    /// Commands to the base and pod writes, when something changed (or, without any, on a
+    /// slow beat that catches what time alone changes: retry and grace deadlines).
+    async fn drive_modules(&mut self, alive: bool, now: Instant) {
         if !self.dirty
             && self
                 .last_plan
                 .is_some_and(|t| now.saturating_duration_since(t) < IDLE_REPLAN)
         {
-            return None;
+            return;
         }
         self.dirty = false;
         self.last_plan = Some(now);
@@ -389,6 +379,16 @@ impl BaseActor {
             info!(%module, command = cmd.kind(), attempts, "sending to the base");
             self.fx.send(&cmd).await;
         }
+        for (spec, uid) in &decided.reinstalls {
+            self.fx
+                .report_replacement(&self.bound.pods, uid, spec)
+                .await;
+        }
+        for (key, message) in std::mem::take(&mut self.uninstall_failures) {
+            self.fx
+                .report_uninstall_failure(&self.bound.pods, &key, &message)
+                .await;
+        }
         for (uid, st) in self
             .fx
             .write_statuses(&self.bound.pods, decided.statuses)
@@ -405,7 +405,27 @@ impl BaseActor {
         {
             self.bound.pods.remove(&uid);
         }
-        None
+    }
+
+    /// The VNode, its status and its Lease, as far as due.
+    async fn sync_vnode(&mut self, alive: bool, now: Instant) {
+        if self.urls.0 != self.ledger.urls_version() {
+            self.urls = (self.ledger.urls_version(), self.ledger.url_annotation());
+            self.node.touch();
+        }
+        let params = VNodeParams {
+            env: &self.settings.env,
+            tunnel: &self.tunnel_label,
+            env_taint: self.settings.env_taint,
+            lease_every: self.settings.lease_renew,
+            module_urls: &self.urls.1,
+        };
+        let writes = self.node.due(&params, alive, now);
+        let quiet = writes.apply.is_none() && writes.status.is_none();
+        self.fx.write_node(&mut self.node, writes, now).await;
+        if quiet {
+            self.node.settled();
+        }
     }
 
     /// An observer only keeps its state warm; it lets go of a base that drained or expired

@@ -46,6 +46,8 @@ pub struct TaskDeps {
 pub struct Tasks {
     deps: TaskDeps,
     tasks: HashMap<String, Entry>,
+    /// Base identity of each task's VNode.
+    ids: HashMap<String, String>,
     generation: u64,
     exits: mpsc::UnboundedSender<Exit>,
 }
@@ -56,6 +58,7 @@ impl Tasks {
         Tasks {
             deps,
             tasks: HashMap::new(),
+            ids: HashMap::new(),
             generation: 0,
             exits,
         }
@@ -113,6 +116,7 @@ impl Tasks {
             let _ = tx.send(m);
         }
         self.deps.metrics.bases.inc();
+        self.ids.insert(node.clone(), base_id.to_string());
         self.tasks.insert(node, Entry { tx, generation });
         true
     }
@@ -169,6 +173,11 @@ impl Tasks {
         {
             self.tasks.remove(node);
             self.deps.metrics.bases.dec();
+            if let Some(id) = self.ids.remove(node) {
+                for t in self.deps.tunnels.values() {
+                    t.forget(&id);
+                }
+            }
             true
         } else {
             debug!(node, "an older task of the base ended");

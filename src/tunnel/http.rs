@@ -210,11 +210,11 @@ async fn heartbeat(
         inner.forward(&owner, body.clone()).await;
     }
     let port = hb.port.unwrap_or(DEFAULT_ARKLET_PORT);
-    inner
-        .endpoints
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone(), format!("http://{}:{}", hb.local_ip, port));
+    {
+        let mut endpoints = inner.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.insert(id.clone(), format!("http://{}:{}", hb.local_ip, port));
+        inner.metrics.tracked.set(endpoints.len() as i64);
+    }
     inner.metrics.count_received("ok");
     if inner
         .events
@@ -462,11 +462,13 @@ impl Tunnel for HttpTunnel {
     }
 
     fn forget(&self, base_id: &str) {
-        self.inner
+        let mut endpoints = self
+            .inner
             .endpoints
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(base_id);
+            .unwrap_or_else(|p| p.into_inner());
+        endpoints.remove(base_id);
+        self.inner.metrics.tracked.set(endpoints.len() as i64);
     }
 
     fn stop(&self) -> BoxFuture<'_, ()> {

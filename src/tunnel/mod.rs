@@ -72,6 +72,9 @@ pub struct TunnelMetrics {
     pub reconnects: Counter,
     /// 1 while connected to the broker (MQTT).
     pub connected: Gauge,
+    /// Bases the tunnel keeps something about (endpoints, adapter bindings): returns to its
+    /// starting size when bases leave.
+    pub tracked: Gauge,
 }
 
 impl TunnelMetrics {
@@ -100,6 +103,11 @@ impl TunnelMetrics {
                 m.connected.clone(),
             );
         }
+        registry.register(
+            format!("{name}_tracked_bases"),
+            "Bases the tunnel keeps per-base state for",
+            m.tracked.clone(),
+        );
         let _ = m.received("ok");
         m
     }

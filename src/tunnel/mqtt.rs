@@ -153,11 +153,14 @@ impl Shared {
             Ok(evs) => {
                 self.metrics.count_received("ok");
                 for ev in evs {
-                    self.base_codec
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(ev.base_id.clone())
-                        .or_insert_with(|| codec.to_string());
+                    // Only bases speaking through an adapter are remembered (the built-in codec
+                    // is everyone else's): a flood of unknown ids grows nothing.
+                    if codec != self.builtin.name() {
+                        let mut map = self.base_codec.lock().unwrap_or_else(|p| p.into_inner());
+                        map.entry(ev.base_id.clone())
+                            .or_insert_with(|| codec.to_string());
+                        self.metrics.tracked.set(map.len() as i64);
+                    }
                     if let Err(e) = events.try_send(ev) {
                         self.metrics.count_received("queue_full");
                         warn!(error = %e, "event queue full or closed; message dropped");
@@ -301,11 +304,13 @@ impl Tunnel for MqttTunnel {
     }
 
     fn forget(&self, base_id: &str) {
-        self.shared
+        let mut map = self
+            .shared
             .base_codec
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(base_id);
+            .unwrap_or_else(|p| p.into_inner());
+        map.remove(base_id);
+        self.shared.metrics.tracked.set(map.len() as i64);
     }
 
     fn stop(&self) -> BoxFuture<'_, ()> {

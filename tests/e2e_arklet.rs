@@ -411,7 +411,7 @@ async fn install_failure(tunnel: Tunnel) {
     let (pod, message) = eventually(T, "Arklet.InstallModuleFailed on the container", || async {
         let p = env.app_pods("badbiz").await.into_iter().next()?;
         let (reason, message) = waiting(&p)?;
-        (reason == "Arklet.InstallModuleFailed").then(|| (p, message))
+        (reason == "Arklet.InstallModuleFailed").then_some((p, message))
     })
     .await;
     assert!(
@@ -962,7 +962,7 @@ async fn invalid_spec(tunnel: Tunnel) {
         let (pod, message) = eventually(T, &format!("User.InvalidParameter on {app}"), || async {
             let p = env.app_pods(app).await.into_iter().next()?;
             let (reason, message) = waiting(&p)?;
-            (reason == "User.InvalidParameter").then(|| (p, message))
+            (reason == "User.InvalidParameter").then_some((p, message))
         })
         .await;
         assert!(

@@ -117,6 +117,23 @@ pub struct RunArgs {
     )]
     pub http_tunnel_listen_port: u16,
 
+    /// Shared token bases (or the proxy in front of them) must send as
+    /// `Authorization: Bearer <token>` to the HTTP tunnel; unset: no authentication.
+    #[arg(
+        long = "http-tunnel-token",
+        env = "HTTP_TUNNEL_TOKEN",
+        value_name = "HTTP_TUNNEL_TOKEN",
+        hide_env_values = true
+    )]
+    pub http_tunnel_token: Option<String>,
+
+    /// Connect to a TLS broker without verifying its certificate (as the reference did). Off
+    /// by default; only for brokers whose certificate cannot be verified.
+    #[arg(long = "mqtt-tls-insecure-skip-verify", env = "MQTT_TLS_INSECURE_SKIP_VERIFY",
+          value_name = "MQTT_TLS_INSECURE_SKIP_VERIFY", default_value = "false",
+          value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub mqtt_tls_insecure_skip_verify: bool,
+
     /// Maximum concurrent apiserver writes across all VNodes.
     #[arg(
         long = "vnode-worker-num",
@@ -194,6 +211,26 @@ pub struct RunArgs {
     )]
     pub module_handover_timeout_secs: u64,
 
+    /// Seconds a module may take to start on its base before it shows
+    /// `Arklet.InstallModuleTimedOut` (the install is not sent again while the base works on it).
+    #[arg(
+        long = "module-install-timeout-secs",
+        env = "MODULE_INSTALL_TIMEOUT_SECS",
+        value_name = "MODULE_INSTALL_TIMEOUT_SECS",
+        default_value_t = 600
+    )]
+    pub module_install_timeout_secs: u64,
+
+    /// Seconds a module no pod asks for (e.g. on a base returning after its pods were evicted)
+    /// is kept before it is uninstalled, so that replacement pods find it still running.
+    #[arg(
+        long = "module-orphan-grace-secs",
+        env = "MODULE_ORPHAN_GRACE_SECS",
+        value_name = "MODULE_ORPHAN_GRACE_SECS",
+        default_value_t = 120
+    )]
+    pub module_orphan_grace_secs: u64,
+
     /// Directory of WASM plugins (and their manifest); empty for built-in behaviour only.
     #[arg(long = "plugins-dir", env = "PLUGINS_DIR", value_name = "PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
@@ -251,11 +288,56 @@ pub struct RunArgs {
     )]
     pub plugin_workers: usize,
 
+    /// Several replicas share the bases through per-VNode Leases (the reference's cluster mode).
+    #[arg(long = "is-cluster", env = "IS_CLUSTER", value_name = "IS_CLUSTER",
+          default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub is_cluster: bool,
+
+    /// How strongly a replica's load delays its claims of new bases (0: no delay).
+    #[arg(
+        long = "workload-max-level",
+        env = "WORKLOAD_MAX_LEVEL",
+        value_name = "WORKLOAD_MAX_LEVEL",
+        default_value_t = 3
+    )]
+    pub workload_max_level: u32,
+
+    /// Namespace of the ownership Leases (default: POD_NAMESPACE, else `default`).
+    #[arg(long = "namespace", env = "NAMESPACE", value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Seconds an ownership Lease lasts without renewal: the longest a dead replica's bases
+    /// wait for another replica.
+    #[arg(
+        long = "owner-lease-secs",
+        env = "OWNER_LEASE_SECS",
+        value_name = "OWNER_LEASE_SECS",
+        default_value_t = 15
+    )]
+    pub owner_lease_secs: u64,
+
+    /// This replica's IP, where the others forward HTTP heartbeats of bases it owns.
+    #[arg(long = "pod-ip", env = "POD_IP", value_name = "POD_IP")]
+    pub pod_ip: Option<String>,
+
     /// Keep module Deployments labelled `virtual-kubelet.koupleless.io/strategy=peer` at one replica per Ready base of their cluster.
     #[arg(long = "enable-module-replicas-sync-with-base", env = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE",
           value_name = "ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE", default_value = "false",
           value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub enable_module_replicas_sync_with_base: bool,
+}
+
+/// How replicas share the bases (`IS_CLUSTER=true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Namespace of the ownership Leases.
+    pub namespace: String,
+    /// Ownership Lease duration.
+    pub lease: Duration,
+    /// `WORKLOAD_MAX_LEVEL`.
+    pub max_level: u32,
+    /// Host (IP) the other replicas reach this one's HTTP tunnel at.
+    pub advertise_host: Option<String>,
 }
 
 /// Budgets of the plugin host (`PLUGIN_*`).
@@ -299,6 +381,8 @@ pub struct Settings {
     pub mqtt: Option<crate::tunnel::mqtt::MqttSettings>,
     /// HTTP tunnel port, when enabled.
     pub http_port: Option<u16>,
+    /// Shared token of the HTTP tunnel, when required.
+    pub http_token: Option<String>,
     /// Concurrent apiserver writes.
     pub workers: usize,
     /// Expected heartbeat period.
@@ -321,8 +405,14 @@ pub struct Settings {
     pub plugin_limits: PluginLimits,
     /// Peer-deployment replica sync.
     pub replicas_sync: bool,
+    /// Several replicas share the bases (`None`: this replica drives every base).
+    pub cluster: Option<ClusterSettings>,
     /// Longest hand-over retention of a module on a base during a rollout.
     pub retention_timeout: Duration,
+    /// Longest a module may take to start before it shows as timed out.
+    pub install_timeout: Duration,
+    /// How long a module no pod asks for is kept before it is uninstalled.
+    pub orphan_grace: Duration,
 }
 
 fn secs(variable: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -346,6 +436,7 @@ impl Settings {
             client_id: format!("local-{env}"),
             mqtt: None,
             http_port: None,
+            http_token: None,
             workers: 8,
             heartbeat_period: period,
             liveness_timeout: period * 3,
@@ -357,7 +448,10 @@ impl Settings {
             plugins_dir: None,
             plugin_limits: PluginLimits::default(),
             replicas_sync: false,
+            cluster: None,
             retention_timeout: Duration::from_secs(600),
+            install_timeout: Duration::from_secs(600),
+            orphan_grace: Duration::from_secs(120),
         }
     }
 
@@ -373,6 +467,7 @@ impl Settings {
             client_cert_path: None,
             client_key_path: None,
             keep_alive: Duration::from_secs(5),
+            insecure_skip_verify: false,
         });
         self
     }
@@ -469,6 +564,7 @@ impl RunArgs {
                 client_cert_path: self.mqtt_client_crt_path.clone(),
                 client_key_path: self.mqtt_client_key_path.clone(),
                 keep_alive: Duration::from_secs(30),
+                insecure_skip_verify: self.mqtt_tls_insecure_skip_verify,
             })
         } else {
             None
@@ -542,6 +638,7 @@ impl RunArgs {
             http_port: self
                 .enable_http_tunnel
                 .then_some(self.http_tunnel_listen_port),
+            http_token: self.http_tunnel_token.clone().filter(|t| !t.is_empty()),
             workers: self.vnode_worker_num,
             heartbeat_period,
             liveness_timeout: heartbeat_period * self.heartbeat_misses,
@@ -553,7 +650,37 @@ impl RunArgs {
             plugins_dir: self.plugins_dir.clone(),
             plugin_limits,
             replicas_sync: self.enable_module_replicas_sync_with_base,
+            cluster: if self.is_cluster {
+                let namespace = self
+                    .namespace
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .or_else(|| {
+                        std::env::var("POD_NAMESPACE")
+                            .ok()
+                            .filter(|n| !n.is_empty())
+                    })
+                    .unwrap_or_else(|| "default".into());
+                Some(ClusterSettings {
+                    namespace,
+                    lease: Duration::from_secs(bounded(
+                        "OWNER_LEASE_SECS",
+                        self.owner_lease_secs,
+                        3600,
+                    )?),
+                    max_level: self.workload_max_level,
+                    advertise_host: self.pod_ip.clone().filter(|h| !h.is_empty()),
+                })
+            } else {
+                None
+            },
             retention_timeout: Duration::from_secs(self.module_handover_timeout_secs),
+            install_timeout: Duration::from_secs(bounded(
+                "MODULE_INSTALL_TIMEOUT_SECS",
+                self.module_install_timeout_secs,
+                86_400,
+            )?),
+            orphan_grace: Duration::from_secs(self.module_orphan_grace_secs),
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod plugin;
 pub mod protocol;
 pub mod rollout;
 pub mod server;
+pub mod shard;
 pub mod time;
 pub mod tunnel;
 pub mod vnode;

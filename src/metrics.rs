@@ -11,6 +11,7 @@ use crate::apiserver::ApiMetrics;
 use crate::apiserver::watch::WatchMetrics;
 use crate::base::BaseMetrics;
 use crate::controller::ControllerMetrics;
+use crate::controller::sharing::ShardMetrics;
 use crate::peer::PeerMetrics;
 use crate::tunnel::TunnelMetrics;
 
@@ -31,6 +32,8 @@ pub struct Metrics {
     pub http: TunnelMetrics,
     /// Peer replica sync.
     pub peer: PeerMetrics,
+    /// Base sharing between replicas.
+    pub shards: ShardMetrics,
 }
 
 impl Metrics {
@@ -44,6 +47,7 @@ impl Metrics {
         let mqtt = TunnelMetrics::register(&mut registry, "mqtt");
         let http = TunnelMetrics::register(&mut registry, "http");
         let peer = PeerMetrics::register(&mut registry);
+        let shards = ShardMetrics::register(&mut registry);
         Arc::new(Metrics {
             registry: Mutex::new(registry),
             api,
@@ -53,6 +57,7 @@ impl Metrics {
             mqtt,
             http,
             peer,
+            shards,
         })
     }
 

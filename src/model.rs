@@ -206,6 +206,38 @@ impl OperationKind {
     }
 }
 
+/// What a base answered to an install or uninstall.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done.
+    Succeeded,
+    /// Another command for the same module is still running on the base: this one was
+    /// refused, the first goes on. Not a failure of the module.
+    Busy,
+    /// Install of a name and version the base already has (Arklet `REPEAT_BIZ`).
+    AlreadyInstalled,
+    /// Uninstall of a name and version the base does not have (Arklet `NOT_FOUND_BIZ`): the
+    /// goal is reached.
+    NotInstalled,
+    /// The operation failed.
+    Failed {
+        /// The base's error code (e.g. `FAILED`, `InstallBizUserError`), if any.
+        code: Option<String>,
+        /// The real reason, as users need to read it.
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// Whether the base says the goal of the command is reached.
+    pub fn reached(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Succeeded | Outcome::AlreadyInstalled | Outcome::NotInstalled
+        )
+    }
+}
+
 /// Outcome of an install/uninstall as the base reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationResult {
@@ -215,12 +247,8 @@ pub struct OperationResult {
     pub name: String,
     /// bizVersion.
     pub version: String,
-    /// Whether the base reports success.
-    pub success: bool,
-    /// Arklet error code on failure (e.g. `InstallBizFailed`).
-    pub error_code: Option<String>,
-    /// The base's message.
-    pub message: String,
+    /// What happened.
+    pub outcome: Outcome,
 }
 
 /// Something a base told the controller, already parsed.
@@ -241,6 +269,9 @@ pub enum TunnelEvent {
         /// Why.
         reason: String,
     },
+    /// A command some controller replica sent the base (seen on the broker): the replica that
+    /// takes the base over later knows it is in flight.
+    CommandSeen(BaseCommand),
 }
 
 /// A [`TunnelEvent`] attributed to a base.
@@ -257,6 +288,9 @@ pub struct BaseEvent {
 pub enum BaseCommand {
     /// installBiz.
     Install(ModuleSpec),
+    /// installBiz replacing the installed module of the same name and version from another
+    /// package URL (`installStrategy: uninstallThenInstall`).
+    Reinstall(ModuleSpec),
     /// uninstallBiz.
     Uninstall(ModuleKey),
     /// queryAllBiz: ask for the full module list.
@@ -272,6 +306,7 @@ impl BaseCommand {
     pub fn kind(&self) -> &'static str {
         match self {
             BaseCommand::Install(_) => "install",
+            BaseCommand::Reinstall(_) => "reinstall",
             BaseCommand::Uninstall(_) => "uninstall",
             BaseCommand::QueryAllModules => "query_all",
             BaseCommand::QueryHealth => "health",

@@ -58,6 +58,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
         client_cert_path: None,
         client_key_path: None,
         keep_alive: Duration::from_secs(5),
+        insecure_skip_verify: false,
     };
     let mqtt_metrics = TunnelMetrics::default();
     let tunnel = Arc::new(
@@ -85,7 +86,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
             }
             s.first.entry(ev.base_id.clone()).or_insert(now);
             if let TunnelEvent::Operation(op) = &ev.event
-                && op.success
+                && op.outcome == module_controller::model::Outcome::Succeeded
             {
                 s.installs_ok
                     .entry(ev.base_id.clone())

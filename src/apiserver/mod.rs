@@ -56,6 +56,7 @@ impl ApiMetrics {
             "pod_delete",
             "event",
             "deployment_scale",
+            "owner_lease",
         ] {
             for result in ["ok", "error"] {
                 let _ = m.writes.get_or_create(&WriteLabel { kind, result });

@@ -12,12 +12,16 @@ use tracing::{debug, info, warn};
 use crate::base::effects::{Effects, EffectsDeps};
 use crate::base::ledger::ModuleLedger;
 use crate::base::msg::BaseMsg;
-use crate::base::node_sync::{NodeSync, Verdict};
+use crate::base::node_sync::{NodeSync, VNodeParams, Verdict};
 use crate::base::plan::{self, PlanInput, PodInfo};
-use crate::model::{BaseCommand, ModuleSpec, TunnelEvent};
+use crate::model::{
+    BaseCommand, BaseHeartbeat, BaseLifecycle, BaseMetadata, ModuleKey, ModuleSpec, Outcome,
+    TunnelEvent,
+};
+use crate::peer::{self, PeerTemplate};
 use crate::time::now_time;
 use crate::vnode::liveness::LivenessPolicy;
-use crate::vnode::shape;
+use crate::vnode::shape::{self, NodeShapeInput};
 use crate::vpod::spec::{creation_secs, modules_of, owner_of};
 use crate::vpod::status::Note;
 
@@ -40,6 +44,16 @@ pub struct ActorSettings {
     pub tick: Duration,
     /// Longest a module is kept on a base waiting for its replacement during a rollout.
     pub retention_timeout: Duration,
+    /// Longest a module may take to start before it shows as timed out.
+    pub install_timeout: Duration,
+    /// How long a module no pod asks for is kept before it is uninstalled.
+    pub orphan_grace: Duration,
+    /// Whether a new task starts by driving its base (one replica) or only observing it until
+    /// this replica owns the base (several replicas share the bases).
+    pub owned_from_start: bool,
+    /// How long an observer keeps a drained or expired base before letting go (the owner
+    /// removes its VNode; should the owner be gone, the observer takes over meanwhile).
+    pub observer_linger: Duration,
     /// In which order status writes go out.
     pub order: StatusOrder,
 }
@@ -74,6 +88,10 @@ struct BoundPods {
     synced: bool,
     held: HashMap<String, Note>,
     rollouts: Arc<HashSet<String>>,
+    /// Modules that unbound pods ask for (they may bind here).
+    wanted: Arc<HashSet<ModuleKey>>,
+    /// Peer Deployments of this env.
+    peers: Arc<Vec<PeerTemplate>>,
 }
 
 impl BoundPods {
@@ -107,6 +125,14 @@ pub struct BaseActor {
     bound: BoundPods,
     baseline_requested: bool,
     pending_baseline: Vec<oneshot::Sender<Vec<ModuleSpec>>>,
+    /// Who the base said it is when it asked for its baseline (before any heartbeat).
+    metadata: Option<BaseMetadata>,
+    /// Uninstall failures to report on the pods that asked for the module.
+    uninstall_failures: Vec<(ModuleKey, String)>,
+    /// This replica drives the base (else it only keeps its state warm for a takeover).
+    owned: bool,
+    /// When an observer saw the base drain or expire.
+    ending_since: Option<Instant>,
 }
 
 impl BaseActor {
@@ -117,12 +143,16 @@ impl BaseActor {
         BaseActor {
             tunnel_label: deps.tunnel.label_for(base_id),
             fx: Effects::new(base_id, &node_name, deps),
-            settings,
             node: NodeSync::new(now),
             ledger: ModuleLedger::new(now),
             bound: BoundPods::default(),
             baseline_requested: false,
             pending_baseline: Vec::new(),
+            metadata: None,
+            uninstall_failures: Vec::new(),
+            owned: settings.owned_from_start,
+            ending_since: None,
+            settings,
         }
     }
 
@@ -177,10 +207,26 @@ impl BaseActor {
                 }
                 self.bound.synced = true;
                 for tx in std::mem::take(&mut self.pending_baseline) {
-                    let _ = tx.send(plan::baseline(&self.bound.pods));
+                    let _ = tx.send(self.baseline());
                 }
             }
             BaseMsg::Rollouts(r) => self.bound.rollouts = r,
+            BaseMsg::Wanted(w) => self.bound.wanted = w,
+            BaseMsg::Peers(p) => self.bound.peers = p,
+            BaseMsg::Ownership(owned) => {
+                if owned && !self.owned {
+                    info!("this replica now drives the base");
+                    self.ledger.took_over(now);
+                } else if !owned && self.owned {
+                    info!("another replica drives the base now; observing");
+                }
+                self.owned = owned;
+            }
+            BaseMsg::Adopted { urls } => {
+                if let Some(u) = urls {
+                    self.ledger.restore_urls(&u);
+                }
+            }
             BaseMsg::Holds(holds) => {
                 for (uid, note) in holds {
                     match note {
@@ -193,7 +239,7 @@ impl BaseActor {
                 self.node.seen(now);
                 self.ledger.base_restarted(now);
                 if self.bound.synced {
-                    let _ = tx.send(plan::baseline(&self.bound.pods));
+                    let _ = tx.send(self.baseline());
                 } else {
                     self.pending_baseline.push(tx);
                 }
@@ -210,14 +256,15 @@ impl BaseActor {
                     // What it runs may have changed while it was away.
                     self.ledger.base_returned(now);
                 }
-                if hb.lifecycle == crate::model::BaseLifecycle::Deactivated {
+                if hb.lifecycle == BaseLifecycle::Deactivated {
                     info!("base announced shutdown; draining");
                 }
                 self.node.on_heartbeat(hb, now);
             }
-            TunnelEvent::QueryBaseline(_) => {
+            TunnelEvent::QueryBaseline(md) => {
                 self.node.seen(now);
                 self.ledger.base_restarted(now);
+                self.metadata = Some(md);
                 self.baseline_requested = true;
             }
             TunnelEvent::Health(h) => {
@@ -231,13 +278,30 @@ impl BaseActor {
             }
             TunnelEvent::Operation(r) => {
                 self.node.seen(now);
-                if !r.success {
-                    let module = format!("{}@{}", r.name, r.version);
-                    warn!(%module, command = r.kind.command(), code = ?r.error_code, message = %r.message, "operation failed");
+                let module = format!("{}@{}", r.name, r.version);
+                match &r.outcome {
+                    Outcome::Failed { code, message } => {
+                        warn!(%module, command = r.kind.command(), ?code, %message, "operation failed")
+                    }
+                    Outcome::Busy => {
+                        info!(%module, command = r.kind.command(), "base still busy with an earlier command for the module; waiting for it")
+                    }
+                    _ => {
+                        debug!(%module, command = r.kind.command(), outcome = ?r.outcome, "operation answered")
+                    }
                 }
-                self.ledger.on_operation(&r, now, timeout);
+                if let Some(message) = self.ledger.on_operation(&r, now, timeout) {
+                    self.uninstall_failures
+                        .push((ModuleKey::new(&r.name, &r.version), message));
+                }
             }
             TunnelEvent::Unreachable { reason } => debug!(%reason, "base unreachable"),
+            TunnelEvent::CommandSeen(cmd) => {
+                // Our own commands come back too; only another replica's matter.
+                if !self.owned {
+                    self.ledger.command_seen(&cmd, now);
+                }
+            }
         }
     }
 
@@ -247,6 +311,9 @@ impl BaseActor {
         let (verdict, changed) = self.node.assess(&self.settings.liveness, now);
         if let Some((from, to)) = changed {
             info!(?from, ?to, "base liveness changed");
+        }
+        if !self.owned {
+            return self.observe(verdict, now);
         }
         let alive = match verdict {
             Verdict::Drain => {
@@ -258,15 +325,15 @@ impl BaseActor {
             }
             Verdict::Serve(alive) => alive,
         };
-        let s = &self.settings;
-        let writes = self.node.due(
-            &s.env,
-            &self.tunnel_label,
-            s.env_taint,
-            alive,
-            now,
-            s.lease_renew,
-        );
+        let urls = self.ledger.url_annotation();
+        let params = VNodeParams {
+            env: &self.settings.env,
+            tunnel: &self.tunnel_label,
+            env_taint: self.settings.env_taint,
+            lease_every: self.settings.lease_renew,
+            module_urls: &urls,
+        };
+        let writes = self.node.due(&params, alive, now);
         self.fx.write_node(&mut self.node, writes, now).await;
         if alive {
             self.answer_baseline(now).await;
@@ -274,7 +341,9 @@ impl BaseActor {
                 self.fx.send(&q).await;
             }
         }
-        let decided = plan::plan(&self.plan_input(alive, now));
+        let wanted = self.wanted();
+        let decided = plan::plan(&self.plan_input(alive, now, &wanted));
+        self.ledger.track_orphans(&decided, now);
         for (module, owner) in self.ledger.retain(&decided, now) {
             info!(%module, %owner, "keeping the base's last instance until its replacement is active (rollout in progress)");
         }
@@ -283,7 +352,7 @@ impl BaseActor {
                 self.fx.count_retry(&cmd);
             }
             let module = match &cmd {
-                BaseCommand::Install(s) => s.key().to_string(),
+                BaseCommand::Install(s) | BaseCommand::Reinstall(s) => s.key().to_string(),
                 BaseCommand::Uninstall(k) => k.to_string(),
                 _ => String::new(),
             };
@@ -309,18 +378,85 @@ impl BaseActor {
         None
     }
 
+    /// An observer only keeps its state warm; it lets go of a base that drained or expired
+    /// once the owner had time to remove the VNode.
+    fn observe(&mut self, verdict: Verdict, now: Instant) -> Option<ActorExit> {
+        let exit = match verdict {
+            Verdict::Drain => ActorExit::Drained,
+            Verdict::Expire => ActorExit::Expired,
+            Verdict::Serve(_) => {
+                self.ending_since = None;
+                return None;
+            }
+        };
+        let since = *self.ending_since.get_or_insert(now);
+        (now.saturating_duration_since(since) >= self.settings.observer_linger).then_some(exit)
+    }
+
     async fn answer_baseline(&mut self, now: Instant) {
         if !(self.baseline_requested && self.bound.synced) {
             return;
         }
         self.baseline_requested = false;
-        let specs = plan::baseline(&self.bound.pods);
+        let specs = self.baseline();
         info!(modules = specs.len(), "answering queryBaseline");
         self.ledger.baseline_sent(&specs, now);
         self.fx.send(&BaseCommand::Baseline(specs)).await;
     }
 
-    fn plan_input(&self, alive: bool, now: Instant) -> PlanInput<'_> {
+    /// The peer Deployments' modules that may run on this base.
+    fn peer_modules(&self) -> Vec<ModuleSpec> {
+        if self.bound.peers.is_empty() {
+            return Vec::new();
+        }
+        let hb = self.node.heartbeat.clone().or_else(|| {
+            self.metadata.clone().map(|m| BaseHeartbeat {
+                local_host_name: m.identity.clone(),
+                metadata: m,
+                local_ip: String::new(),
+                port: None,
+                lifecycle: BaseLifecycle::Activated,
+            })
+        });
+        let Some(hb) = hb else { return Vec::new() };
+        let node = shape::node(&NodeShapeInput {
+            heartbeat: &hb,
+            health: None,
+            env: &self.settings.env,
+            tunnel: &self.tunnel_label,
+            env_taint: self.settings.env_taint,
+            module_urls: None,
+        });
+        peer::modules_for(&self.bound.peers, &node)
+    }
+
+    /// What a (re)starting base should run: the modules of its pods and, as the reference
+    /// does, those of the peer Deployments that select it (their pods are Ready the moment
+    /// they bind).
+    fn baseline(&self) -> Vec<ModuleSpec> {
+        let mut specs = plan::baseline(&self.bound.pods);
+        for m in self.peer_modules() {
+            if !specs.iter().any(|s| s.name == m.name) {
+                specs.push(m);
+            }
+        }
+        specs.sort();
+        specs
+    }
+
+    /// Modules not to uninstall although no pod here asks for them.
+    fn wanted(&self) -> HashSet<ModuleKey> {
+        let mut w: HashSet<ModuleKey> = self.bound.wanted.iter().cloned().collect();
+        w.extend(self.peer_modules().iter().map(ModuleSpec::key));
+        w
+    }
+
+    fn plan_input<'a>(
+        &'a self,
+        alive: bool,
+        now: Instant,
+        wanted: &'a HashSet<ModuleKey>,
+    ) -> PlanInput<'a> {
         PlanInput {
             pods: &self.bound.pods,
             pods_synced: self.bound.synced,
@@ -337,6 +473,12 @@ impl BaseActor {
             retained: &self.ledger.retained,
             retention_timeout: self.settings.retention_timeout,
             lossless: self.settings.order == StatusOrder::Lossless,
+            urls: &self.ledger.urls,
+            wanted,
+            orphan_since: &self.ledger.orphan_since,
+            orphan_grace: self.settings.orphan_grace,
+            install_timeout: self.settings.install_timeout,
+            uninstall_failures: &self.ledger.uninstall_failures,
         }
     }
 

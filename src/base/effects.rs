@@ -14,6 +14,7 @@ use crate::apiserver::events::Notice;
 use crate::apiserver::{self, Api, is_not_found};
 use crate::base::BaseMetrics;
 use crate::base::actor::StatusOrder;
+use crate::base::backoff::WriteBackoff;
 use crate::base::node_sync::{NodeSync, NodeWrites};
 use crate::base::plan::PodInfo;
 use crate::model::BaseCommand;
@@ -23,6 +24,17 @@ use crate::rollout::ordering::{OrderingError, StatusChange, Waves, default_waves
 use crate::tunnel::Tunnel;
 use crate::vpod::spec::pod_key;
 use crate::vpod::status::is_ready;
+
+fn pod_write_key(uid: &str) -> String {
+    format!("pod/{uid}/status")
+}
+
+fn pod_delete_key(uid: &str) -> String {
+    format!("pod/{uid}/delete")
+}
+
+/// Event reason of an in-place module replacement (same name and version, new package).
+pub const REPLACEMENT: &str = "ModuleController.InPlaceReplacement";
 
 /// Reason prefixes of container problems that users must see as Events.
 const REPORTED_SOURCES: [&str; 3] = ["Arklet.", "User.", "ModuleController."];
@@ -56,6 +68,8 @@ pub struct Effects {
     pool: Option<PluginPool>,
     /// Problems already published as Events, per pod uid (forgotten with the pod).
     reported: BTreeMap<String, HashSet<(String, String)>>,
+    /// Failing writes, per object.
+    backoff: WriteBackoff,
 }
 
 impl Effects {
@@ -71,7 +85,13 @@ impl Effects {
             order: deps.order,
             pool: deps.pool,
             reported: BTreeMap::new(),
+            backoff: WriteBackoff::default(),
         }
+    }
+
+    /// Objects whose writes are failing now.
+    pub fn failing_writes(&self) -> usize {
+        self.backoff.len()
     }
 
     /// Hands a command to the tunnel; false when it could not be sent.
@@ -124,25 +144,32 @@ impl Effects {
         let waves = self.waves(changes.clone()).await;
         let mut written = Vec::new();
         for wave in waves {
-            let writes = wave.iter().map(|&i| {
+            let now = Instant::now();
+            // A pod whose writes are failing waits out its backoff; the waves after it wait too.
+            let (ready, waiting): (Vec<usize>, Vec<usize>) = wave
+                .iter()
+                .partition(|&&i| self.backoff.ready(&pod_write_key(&statuses[i].0), now));
+            let writes = ready.iter().map(|&i| {
                 let (uid, st) = &statuses[i];
                 let p = &pods[uid];
                 let api = self.api.clone();
                 async move { api.patch_pod_status(&p.namespace, &p.name, st).await }
             });
             let results = join_all(writes).await;
-            let mut failed = false;
-            for (&i, r) in wave.iter().zip(results) {
+            let mut failed = !waiting.is_empty();
+            for (&i, r) in ready.iter().zip(results) {
                 let (uid, st) = &statuses[i];
-                let pod = pod_key(&pods[uid].pod);
+                let key = pod_write_key(uid);
                 match r {
                     Ok(()) => {
-                        debug!(%pod, ready = is_ready(Some(st)), "pod status written");
+                        debug!(pod = %pod_key(&pods[uid].pod), ready = is_ready(Some(st)), "pod status written");
+                        self.backoff.succeeded(&key, "pod status write");
                         written.push((uid.clone(), st.clone()));
                     }
                     Err(e) => {
                         failed = true;
-                        warn!(%pod, error = %e, "pod status write failed; retrying");
+                        self.backoff
+                            .failed(&key, "pod status write", &e, Instant::now());
                     }
                 }
             }
@@ -210,9 +237,11 @@ impl Effects {
                 .or_default()
                 .insert((reason.clone(), message.clone()));
             if new {
+                // The same two-level code users see on the container (and know from the
+                // reference), e.g. `Arklet.InstallModuleFailed`.
                 let notice = Notice {
                     warning: true,
-                    reason: reason.replace('.', ""),
+                    reason: reason.clone(),
                     action: "InstallModule".into(),
                     note: format!("module {} on base {}: {message}", c.name, self.base_id),
                 };
@@ -223,9 +252,67 @@ impl Effects {
         }
     }
 
+    /// Tells the pod's users that its module is replaced in place (same name and version, new
+    /// package): the old package stops before the new one starts on this base.
+    pub async fn report_replacement(
+        &self,
+        pods: &BTreeMap<String, PodInfo>,
+        uid: &str,
+        spec: &crate::model::ModuleSpec,
+    ) {
+        let Some(p) = pods.get(uid) else { return };
+        info!(module = %spec.key(), url = %spec.url, "replacing the module in place from a new package");
+        let notice = Notice {
+            warning: true,
+            reason: REPLACEMENT.into(),
+            action: "ReplaceModule".into(),
+            note: format!(
+                "module {} on base {} is reinstalled from {} (uninstallThenInstall): the same \
+                 name and version cannot run twice on one base, so this base serves no \
+                 {} while it restarts; change BIZ_VERSION for a lossless rollout",
+                spec.key(),
+                self.base_id,
+                spec.url,
+                spec.name
+            ),
+        };
+        self.api
+            .event(&apiserver::object_ref(p.pod.as_ref()), notice)
+            .await;
+    }
+
+    /// Reports a failed uninstall on the pods that asked for the module (else only the log).
+    pub async fn report_uninstall_failure(
+        &self,
+        pods: &BTreeMap<String, PodInfo>,
+        key: &crate::model::ModuleKey,
+        message: &str,
+    ) {
+        let subjects: Vec<&PodInfo> = pods
+            .values()
+            .filter(|p| p.specs().any(|s| s.key() == *key))
+            .collect();
+        if subjects.is_empty() {
+            warn!(module = %key, %message, "uninstall failed; no pod to report it on");
+        }
+        for p in subjects {
+            let notice = Notice {
+                warning: true,
+                reason: crate::vpod::status::UNINSTALL_FAILED.into(),
+                action: "UninstallModule".into(),
+                note: format!("module {key} on base {}: {message}", self.base_id),
+            };
+            self.api
+                .event(&apiserver::object_ref(p.pod.as_ref()), notice)
+                .await;
+        }
+    }
+
     /// Forgets what was reported about a pod that is gone.
     pub fn forget_pod(&mut self, uid: &str) {
         self.reported.remove(uid);
+        self.backoff.forget(&pod_write_key(uid));
+        self.backoff.forget(&pod_delete_key(uid));
     }
 
     /// Removes pods whose modules are gone; returns the uids removed.
@@ -237,13 +324,17 @@ impl Effects {
         let mut removed = Vec::new();
         for uid in uids {
             let Some(p) = pods.get(uid) else { continue };
+            let key = pod_delete_key(uid);
+            if !self.backoff.ready(&key, Instant::now()) {
+                continue;
+            }
             info!(pod = %pod_key(&p.pod), "modules gone; removing pod");
             match self.api.delete_pod_now(&p.namespace, &p.name, uid).await {
                 Ok(()) => {
                     self.forget_pod(uid);
                     removed.push(uid.clone());
                 }
-                Err(e) => warn!(pod = %pod_key(&p.pod), error = %e, "pod removal failed; retrying"),
+                Err(e) => self.backoff.failed(&key, "pod removal", &e, Instant::now()),
             }
         }
         removed

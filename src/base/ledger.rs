@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::base::plan::{self, Failure, InFlight, Plan, Retention};
 use crate::model::{
     BaseCommand, BizState, ModuleKey, ModuleSpec, ModuleStatus, OperationKind, OperationResult,
+    Outcome,
 };
 
 /// A list query unanswered for this long is sent again even before the resync period.
@@ -28,6 +29,13 @@ pub struct ModuleLedger {
     pub failures: HashMap<ModuleKey, Failure>,
     /// Modules kept for a hand-over (their pods are gone).
     pub retained: HashMap<ModuleKey, Retention>,
+    /// Uninstall failures the base reported (retried with backoff).
+    pub uninstall_failures: HashMap<ModuleKey, Failure>,
+    /// The package URL each module was installed from (bases do not report it); kept on the
+    /// VNode so that a restarted controller knows it too.
+    pub urls: HashMap<ModuleKey, String>,
+    /// Since when each module no pod asks for has been so.
+    pub orphan_since: HashMap<ModuleKey, Instant>,
     next_query_at: Instant,
     last_query_at: Option<Instant>,
     health_known: bool,
@@ -41,6 +49,9 @@ impl ModuleLedger {
             inflight: HashMap::new(),
             failures: HashMap::new(),
             retained: HashMap::new(),
+            uninstall_failures: HashMap::new(),
+            urls: HashMap::new(),
+            orphan_since: HashMap::new(),
             next_query_at: now,
             last_query_at: None,
             health_known: false,
@@ -60,6 +71,29 @@ impl ModuleLedger {
         self.next_query_at = now;
     }
 
+    /// This replica takes the base over: ask what it runs at once.
+    pub fn took_over(&mut self, now: Instant) {
+        self.next_query_at = now;
+    }
+
+    /// Another replica sent the base a command: it is in flight (not to be sent again).
+    pub fn command_seen(&mut self, cmd: &BaseCommand, now: Instant) {
+        let (kind, key, url, replace) = match cmd {
+            BaseCommand::Install(s) => {
+                (OperationKind::Install, s.key(), Some(s.url.clone()), false)
+            }
+            BaseCommand::Reinstall(s) => {
+                (OperationKind::Install, s.key(), Some(s.url.clone()), true)
+            }
+            BaseCommand::Uninstall(k) => (OperationKind::Uninstall, k.clone(), None, false),
+            _ => return,
+        };
+        self.inflight.entry((kind, key)).or_insert(InFlight {
+            replace,
+            ..InFlight::new(now, url)
+        });
+    }
+
     /// The base reported health.
     pub fn health_received(&mut self) {
         self.health_known = true;
@@ -69,12 +103,36 @@ impl ModuleLedger {
     pub fn on_module_list(&mut self, list: Vec<ModuleStatus>, now: Instant, timeout: Duration) {
         let map: HashMap<ModuleKey, ModuleStatus> =
             list.into_iter().map(|m| (m.key(), m)).collect();
-        self.inflight.retain(|(kind, key), _| match kind {
-            OperationKind::Install => !map
-                .get(key)
-                .is_some_and(|m| matches!(m.state, BizState::Activated | BizState::Broken)),
+        // The list answers a query sent at `asked`: a command sent before it and absent from
+        // it never reached the base.
+        let asked = self.last_query_at;
+        let mut settled = Vec::new();
+        self.inflight.retain(|(kind, key), f| match kind {
+            OperationKind::Install if f.replace => true,
+            OperationKind::Install => match map.get(key).map(|m| &m.state) {
+                Some(BizState::Activated) => {
+                    settled.push((key.clone(), f.url.clone()));
+                    false
+                }
+                Some(BizState::Broken) => false,
+                Some(_) => {
+                    f.lost = false;
+                    true
+                }
+                None => {
+                    if asked.is_some_and(|q| q > f.sent_at) {
+                        f.lost = true;
+                    }
+                    true
+                }
+            },
             OperationKind::Uninstall => map.contains_key(key),
         });
+        for (key, url) in settled {
+            if let Some(url) = url {
+                self.urls.insert(key, url);
+            }
+        }
         for (key, m) in &map {
             match m.state {
                 BizState::Activated => {
@@ -84,7 +142,11 @@ impl ModuleLedger {
                     let f = plan::next_failure(
                         None,
                         m.reason.as_deref(),
-                        m.message.as_deref().unwrap_or("install failed"),
+                        m.message
+                            .as_deref()
+                            .and_then(crate::protocol::arklet::real_reason)
+                            .as_deref()
+                            .unwrap_or(""),
                         now,
                         timeout,
                     );
@@ -94,40 +156,86 @@ impl ModuleLedger {
             }
         }
         self.retained.retain(|k, _| map.contains_key(k));
+        self.urls.retain(|k, _| map.contains_key(k));
+        self.uninstall_failures.retain(|k, _| map.contains_key(k));
+        self.orphan_since.retain(|k, _| map.contains_key(k));
         self.reported = Some(map);
     }
 
-    /// The outcome of an install or uninstall arrived.
-    pub fn on_operation(&mut self, r: &OperationResult, now: Instant, timeout: Duration) {
+    /// The outcome of an install or uninstall arrived; an uninstall failure is returned for
+    /// the base task to report.
+    pub fn on_operation(
+        &mut self,
+        r: &OperationResult,
+        now: Instant,
+        timeout: Duration,
+    ) -> Option<String> {
         let key = ModuleKey::new(&r.name, &r.version);
-        // A success is confirmed by the module list queried next; until then the command stays
-        // in flight (clock restarted), or a list published before the operation would re-send it.
-        if r.success {
-            if let Some(f) = self.inflight.get_mut(&(r.kind, key.clone())) {
-                f.sent_at = now;
+        let slot = (r.kind, key.clone());
+        let mut reported_failure = None;
+        match (&r.outcome, r.kind) {
+            // A success is confirmed by the module list queried next; until then the command
+            // stays in flight (clock restarted), or a list published before the operation
+            // would send it again. A replacement is confirmed by its answer alone: the list
+            // shows the module active before and after.
+            (Outcome::Succeeded, OperationKind::Install) => {
+                self.failures.remove(&key);
+                if let Some(f) = self.inflight.get_mut(&slot) {
+                    if f.replace {
+                        if let Some(url) = f.url.clone() {
+                            self.urls.insert(key.clone(), url);
+                        }
+                        self.inflight.remove(&slot);
+                    } else {
+                        f.sent_at = now;
+                        f.lost = false;
+                    }
+                }
             }
-        } else {
-            self.inflight.remove(&(r.kind, key.clone()));
-        }
-        match (r.kind, r.success) {
-            (OperationKind::Install, false) => {
+            (Outcome::Succeeded, OperationKind::Uninstall) => {
+                self.uninstall_failures.remove(&key);
+                if let Some(f) = self.inflight.get_mut(&slot) {
+                    f.sent_at = now;
+                }
+            }
+            // Another command for the module is still running: this one was refused, the
+            // first goes on. Not a failure; wait for the first.
+            (Outcome::Busy, _) => {
+                if let Some(f) = self.inflight.get_mut(&slot) {
+                    f.sent_at = now;
+                    f.lost = false;
+                }
+            }
+            (Outcome::AlreadyInstalled, _) | (Outcome::NotInstalled, _) => {
+                self.inflight.remove(&slot);
+            }
+            (Outcome::Failed { code, message }, OperationKind::Install) => {
+                self.inflight.remove(&slot);
                 let prev = self.failures.get(&key).cloned();
-                let f = plan::next_failure(
-                    prev.as_ref(),
-                    r.error_code.as_deref(),
-                    &r.message,
-                    now,
-                    timeout,
-                );
+                let f = plan::next_failure(prev.as_ref(), code.as_deref(), message, now, timeout);
                 self.failures.insert(key, f);
             }
-            (OperationKind::Install, true) => {
-                self.failures.remove(&key);
+            (Outcome::Failed { message, .. }, OperationKind::Uninstall) => {
+                self.inflight.remove(&slot);
+                let prev = self.uninstall_failures.get(&key).cloned();
+                let mut f = plan::next_failure(prev.as_ref(), None, message, now, timeout);
+                f.reason = crate::vpod::status::UNINSTALL_FAILED.into();
+                self.uninstall_failures.insert(key, f);
+                reported_failure = Some(message.clone());
             }
-            (OperationKind::Uninstall, _) => {}
         }
         // Real bases do not publish their module list unasked: ask now.
         self.next_query_at = now;
+        reported_failure
+    }
+
+    /// Dates the modules no pod asks for (the grace period counts from the first time).
+    pub fn track_orphans(&mut self, plan: &Plan, now: Instant) {
+        let current: std::collections::HashSet<&ModuleKey> = plan.orphans.iter().collect();
+        self.orphan_since.retain(|k, _| current.contains(k));
+        for k in &plan.orphans {
+            self.orphan_since.entry(k.clone()).or_insert(now);
+        }
     }
 
     /// The queries due now (module list, and health when unknown or at each resync).
@@ -157,10 +265,7 @@ impl ModuleLedger {
         for s in specs {
             self.inflight.insert(
                 (OperationKind::Install, s.key()),
-                InFlight {
-                    sent_at: now,
-                    attempts: 1,
-                },
+                InFlight::new(now, Some(s.url.clone())),
             );
         }
         self.next_query_at = now + AFTER_BASELINE;
@@ -187,36 +292,78 @@ impl ModuleLedger {
     /// The commands of a plan, recorded as in flight; each comes with its attempt number.
     pub fn commands(&mut self, plan: &Plan, now: Instant) -> Vec<(BaseCommand, u32)> {
         let installs = plan.installs.iter().map(|s| {
+            let key = s.key();
             (
                 OperationKind::Install,
-                s.key(),
+                key,
+                Some(s.url.clone()),
+                false,
                 BaseCommand::Install(s.clone()),
+            )
+        });
+        let reinstalls = plan.reinstalls.iter().map(|(s, _)| {
+            let key = s.key();
+            (
+                OperationKind::Install,
+                key,
+                Some(s.url.clone()),
+                true,
+                BaseCommand::Reinstall(s.clone()),
             )
         });
         let uninstalls = plan.uninstalls.iter().map(|k| {
             (
                 OperationKind::Uninstall,
                 k.clone(),
+                None,
+                false,
                 BaseCommand::Uninstall(k.clone()),
             )
         });
         let mut out = Vec::new();
-        for (kind, key, cmd) in installs.chain(uninstalls) {
-            let attempts = self
-                .inflight
-                .get(&(kind, key.clone()))
-                .map(|f| f.attempts + 1)
-                .unwrap_or(1);
-            self.inflight.insert(
-                (kind, key),
-                InFlight {
-                    sent_at: now,
-                    attempts,
+        for (kind, key, url, replace, cmd) in installs.chain(reinstalls).chain(uninstalls) {
+            let slot = (kind, key);
+            let f = match self.inflight.remove(&slot) {
+                Some(mut f) => {
+                    f.attempts += 1;
+                    f.sent_at = now;
+                    f.lost = false;
+                    f.url = url;
+                    f.replace = replace;
+                    f
+                }
+                None => InFlight {
+                    replace,
+                    ..InFlight::new(now, url)
                 },
-            );
-            out.push((cmd, attempts));
+            };
+            out.push((cmd, f.attempts));
+            self.inflight.insert(slot, f);
         }
         out
+    }
+
+    /// What to keep on the VNode about this base's modules: `name@version` → package URL.
+    pub fn url_annotation(&self) -> String {
+        let sorted: std::collections::BTreeMap<String, &String> =
+            self.urls.iter().map(|(k, u)| (k.to_string(), u)).collect();
+        serde_json::to_string(&sorted).unwrap_or_default()
+    }
+
+    /// Restores what a previous controller recorded on the VNode (see [`Self::url_annotation`]).
+    pub fn restore_urls(&mut self, annotation: &str) {
+        let Ok(map) =
+            serde_json::from_str::<std::collections::BTreeMap<String, String>>(annotation)
+        else {
+            return;
+        };
+        for (k, url) in map {
+            if let Some((name, version)) = k.rsplit_once('@') {
+                self.urls
+                    .entry(ModuleKey::new(name, version))
+                    .or_insert(url);
+            }
+        }
     }
 }
 
@@ -240,9 +387,14 @@ mod tests {
             kind,
             name: "biz".into(),
             version: "1".into(),
-            success,
-            error_code: (!success).then(|| "InstallBizFailed".into()),
-            message: "boom".into(),
+            outcome: if success {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed {
+                    code: Some("FAILED".into()),
+                    message: "boom".into(),
+                }
+            },
         }
     }
 
@@ -298,8 +450,56 @@ mod tests {
             .failures
             .get(&ModuleKey::new("biz", "1"))
             .expect("failure");
-        assert_eq!(failure.reason, "Arklet.InstallBizFailed");
+        assert_eq!(failure.reason, "Arklet.InstallModuleFailed");
+        assert_eq!(failure.message, "boom");
         assert_eq!(failure.count, 1);
+    }
+
+    #[test]
+    fn a_conflict_is_not_a_failure_and_a_list_after_the_command_without_it_means_lost() {
+        let now = Instant::now();
+        let mut l = ModuleLedger::new(now);
+        let plan = Plan {
+            installs: vec![spec()],
+            ..Default::default()
+        };
+        l.commands(&plan, now);
+        let busy = OperationResult {
+            outcome: Outcome::Busy,
+            ..op(OperationKind::Install, true)
+        };
+        l.on_operation(&busy, now, T);
+        assert!(l.failures.is_empty());
+        assert_eq!(l.inflight.len(), 1, "the first command goes on");
+        // A list answering a query sent before the install proves nothing.
+        l.on_module_list(vec![], now, T);
+        assert!(!l.inflight.values().any(|f| f.lost));
+        // One asked for after it does.
+        let later = now + Duration::from_secs(1);
+        assert!(!l.queries_due(later, Duration::from_secs(30)).is_empty());
+        l.on_module_list(vec![], later, T);
+        assert!(l.inflight.values().all(|f| f.lost));
+    }
+
+    #[test]
+    fn settled_installs_record_their_url_and_it_survives_a_restart() {
+        let now = Instant::now();
+        let mut l = ModuleLedger::new(now);
+        l.commands(
+            &Plan {
+                installs: vec![spec()],
+                ..Default::default()
+            },
+            now,
+        );
+        l.on_module_list(vec![status("biz", "1", BizState::Activated)], now, T);
+        assert_eq!(
+            l.urls.get(&ModuleKey::new("biz", "1")).map(String::as_str),
+            Some("https://x/biz.jar")
+        );
+        let mut restarted = ModuleLedger::new(now);
+        restarted.restore_urls(&l.url_annotation());
+        assert_eq!(restarted.urls, l.urls);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! commands to the base and writes to the apiserver, in a safe order.
 
 pub mod actor;
+mod backoff;
 pub mod effects;
 pub mod ledger;
 pub mod msg;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::oneshot;
 
-use crate::model::{ModuleSpec, TunnelEvent};
+use crate::model::{ModuleKey, ModuleSpec, TunnelEvent};
+use crate::peer::PeerTemplate;
 use crate::vpod::status::Note;
 
 /// A message to a base task.
@@ -27,4 +28,15 @@ pub enum BaseMsg {
     /// Batch-policy holds for pods on this base (replaces the previous holds of those pods;
     /// `None` releases a pod).
     Holds(Vec<(String, Option<Note>)>),
+    /// Modules that pods not bound anywhere yet ask for (replaces the previous set).
+    Wanted(Arc<HashSet<ModuleKey>>),
+    /// The peer Deployments of this env (replaces the previous list).
+    Peers(Arc<Vec<PeerTemplate>>),
+    /// This replica now drives the base (`true`) or only observes it (`false`).
+    Ownership(bool),
+    /// The VNode existed before this task: what the previous controller recorded on it.
+    Adopted {
+        /// `name@version` → package URL, as recorded on the VNode.
+        urls: Option<String>,
+    },
 }

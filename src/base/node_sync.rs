@@ -38,6 +38,21 @@ pub struct NodeWrites {
     pub lease: bool,
 }
 
+/// What the VNode of a base is made from, besides what the base says.
+#[derive(Debug, Clone, Copy)]
+pub struct VNodeParams<'a> {
+    /// Controller env.
+    pub env: &'a str,
+    /// The tunnel (adapter) the base speaks.
+    pub tunnel: &'a str,
+    /// Add the env taint.
+    pub env_taint: bool,
+    /// Lease renewal period.
+    pub lease_every: Duration,
+    /// The module URLs to record on the VNode.
+    pub module_urls: &'a str,
+}
+
 /// A base's VNode state.
 #[derive(Debug)]
 pub struct NodeSync {
@@ -124,15 +139,14 @@ impl NodeSync {
     }
 
     /// The writes due now.
-    pub fn due(
-        &self,
-        env: &str,
-        tunnel: &str,
-        env_taint: bool,
-        alive: bool,
-        now: Instant,
-        lease_every: Duration,
-    ) -> NodeWrites {
+    pub fn due(&self, vnode: &VNodeParams<'_>, alive: bool, now: Instant) -> NodeWrites {
+        let VNodeParams {
+            env,
+            tunnel,
+            env_taint,
+            lease_every,
+            module_urls,
+        } = *vnode;
         let Some(hb) = &self.heartbeat else {
             // An adopted VNode whose base has not spoken since we started: only mark it NotReady.
             let status = (!alive && self.status.is_none()).then(not_ready_minimal);
@@ -147,6 +161,7 @@ impl NodeSync {
             env,
             tunnel,
             env_taint,
+            module_urls: Some(module_urls),
         };
         let desired = shape::node(&input);
         let apply = (self.node_uid.is_none()
@@ -256,28 +271,28 @@ mod tests {
         ttl: Duration::from_secs(60),
     };
     const LEASE: Duration = Duration::from_secs(1);
+    const P: VNodeParams<'static> = VNodeParams {
+        env: "dev",
+        tunnel: "mqtt",
+        env_taint: true,
+        lease_every: LEASE,
+        module_urls: "{}",
+    };
 
     #[test]
     fn a_new_base_applies_writes_status_and_renews_then_nothing_until_due() {
         let t0 = Instant::now();
         let mut n = NodeSync::new(t0);
         n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
-        let w = n.due("dev", "mqtt", true, true, t0, LEASE);
+        let w = n.due(&P, true, t0);
         let node = w.apply.clone().expect("apply");
         assert!(w.status.is_some() && w.lease);
         n.node_applied(node, Some("uid".into()));
         n.status_written(w.status.expect("status"), t0);
         n.lease_renewed(t0);
-        let w = n.due(
-            "dev",
-            "mqtt",
-            true,
-            true,
-            t0 + Duration::from_millis(500),
-            LEASE,
-        );
+        let w = n.due(&P, true, t0 + Duration::from_millis(500));
         assert_eq!(w, NodeWrites::default(), "nothing changed, nothing due");
-        let w = n.due("dev", "mqtt", true, true, t0 + LEASE, LEASE);
+        let w = n.due(&P, true, t0 + LEASE);
         assert!(w.lease && w.apply.is_none() && w.status.is_none());
     }
 
@@ -286,14 +301,14 @@ mod tests {
         let t0 = Instant::now();
         let mut n = NodeSync::new(t0);
         n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
-        let w = n.due("dev", "mqtt", true, true, t0, LEASE);
+        let w = n.due(&P, true, t0);
         n.node_applied(w.apply.expect("apply"), Some("uid".into()));
         n.status_written(w.status.expect("status"), t0);
         let later = t0 + Duration::from_secs(4);
         let (v, changed) = n.assess(&POLICY, later);
         assert_eq!(v, Verdict::Serve(false));
         assert_eq!(changed, Some((Liveness::Alive, Liveness::Silent)));
-        let w = n.due("dev", "mqtt", true, false, later, LEASE);
+        let w = n.due(&P, false, later);
         assert!(!w.lease);
         let st = w.status.expect("status changes");
         let ready = st.conditions.expect("conditions");
@@ -316,12 +331,9 @@ mod tests {
     fn an_adopted_node_without_heartbeat_is_only_marked_not_ready_once() {
         let t0 = Instant::now();
         let mut n = NodeSync::new(t0);
-        let w = n.due("dev", "mqtt", true, false, t0, LEASE);
+        let w = n.due(&P, false, t0);
         assert!(w.apply.is_none() && !w.lease);
         n.status_written(w.status.expect("minimal status"), t0);
-        assert_eq!(
-            n.due("dev", "mqtt", true, false, t0, LEASE),
-            NodeWrites::default()
-        );
+        assert_eq!(n.due(&P, false, t0), NodeWrites::default());
     }
 }

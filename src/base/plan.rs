@@ -44,13 +44,36 @@ impl PodInfo {
     }
 }
 
-/// A command sent and not yet answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A command sent and not yet settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InFlight {
     /// When it was (last) sent.
     pub sent_at: Instant,
+    /// When it was first sent (the install deadline counts from here).
+    pub first_sent: Instant,
     /// How many times it was sent.
     pub attempts: u32,
+    /// Install: the package URL asked for.
+    pub url: Option<String>,
+    /// A module list asked for after the command was sent does not show the module: the base
+    /// never got the command (or dropped it), so it may be sent again.
+    pub lost: bool,
+    /// Install: replaces the installed module of the same name and version.
+    pub replace: bool,
+}
+
+impl InFlight {
+    /// A command sent now for the first time.
+    pub fn new(now: Instant, url: Option<String>) -> Self {
+        InFlight {
+            sent_at: now,
+            first_sent: now,
+            attempts: 1,
+            url,
+            lost: false,
+            replace: false,
+        }
+    }
 }
 
 /// A failed install as the base reported it.
@@ -109,6 +132,19 @@ pub struct PlanInput<'a> {
     pub retention_timeout: Duration,
     /// Hand-over protection on (off only in tests that show what it prevents).
     pub lossless: bool,
+    /// The package URL each module was installed from (bases do not report it).
+    pub urls: &'a HashMap<ModuleKey, String>,
+    /// Modules that pods not bound here may still want (pending pods, peer Deployments that
+    /// select this base): not uninstalled while wanted.
+    pub wanted: &'a HashSet<ModuleKey>,
+    /// Since when each module no pod asks for has been so.
+    pub orphan_since: &'a HashMap<ModuleKey, Instant>,
+    /// How long such a module is kept before it is uninstalled.
+    pub orphan_grace: Duration,
+    /// How long a module may take to start before it shows as timed out.
+    pub install_timeout: Duration,
+    /// Uninstall failures, with their backoff.
+    pub uninstall_failures: &'a HashMap<ModuleKey, Failure>,
 }
 
 /// What to do now.
@@ -126,6 +162,11 @@ pub struct Plan {
     pub held_installs: Vec<(String, ModuleSpec)>,
     /// Modules to keep for a hand-over from now on (their pods are removed).
     pub retain: Vec<(ModuleKey, String)>,
+    /// Modules to install again from another package URL with the same name and version
+    /// (in-place replacement), with the pod that asks for it.
+    pub reinstalls: Vec<(ModuleSpec, String)>,
+    /// Modules on the base that no pod asks for now (the ledger dates them).
+    pub orphans: Vec<ModuleKey>,
 }
 
 /// Resend delay after `attempts` sends: timeout, 2×, 4× … capped at 16×.
@@ -137,6 +178,13 @@ fn due(inflight: Option<&InFlight>, now: Instant, timeout: Duration) -> bool {
     inflight.is_none_or(|f| {
         now.saturating_duration_since(f.sent_at) >= retry_delay(timeout, f.attempts)
     })
+}
+
+/// An install is sent again only when the base shows no trace of it after being asked; a base
+/// that is starting the module (however long it takes) or has not answered is left alone: a
+/// second install would be refused as a conflict, or install twice.
+fn install_due(inflight: Option<&InFlight>, now: Instant, timeout: Duration) -> bool {
+    inflight.is_none_or(|f| f.lost && due(Some(f), now, timeout))
 }
 
 /// For each module name, the version the base should run: the newest live pod's.
@@ -228,6 +276,16 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
             let (spec, uid) = &win[name];
             let key = spec.key();
             if is_active(&key) {
+                // Same name and version from another package: replace it in place.
+                let installed = i.urls.get(&key);
+                // A replacement in flight is re-sent only when its answer is long overdue.
+                let replacing = i
+                    .inflight
+                    .get(&(OperationKind::Install, key.clone()))
+                    .is_some_and(|f| !due(Some(f), i.now, i.command_timeout));
+                if installed.is_some_and(|u| *u != spec.url) && !replacing {
+                    out.reinstalls.push((spec.clone(), uid.clone()));
+                }
                 continue;
             }
             if i.held.contains_key(uid) {
@@ -237,7 +295,7 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
             if i.failures.get(&key).is_some_and(|f| f.retry_at > i.now) {
                 continue;
             }
-            if due(
+            if install_due(
                 i.inflight.get(&(OperationKind::Install, key)),
                 i.now,
                 i.command_timeout,
@@ -248,17 +306,43 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
         // Uninstalls: anything reported that no live pod asks for (only once the pod list is
         // complete, or a restart would uninstall everything).
         if i.pods_synced {
-            let mut orphans: Vec<&ModuleKey> = reported
-                .keys()
-                .filter(|k| !keep.contains(k) && !retained(k))
+            // A module a deleting pod asked for goes at once (the user removed the pod); one
+            // no pod here asks for waits out the grace period while nothing else wants it
+            // (a base returning after its pods were evicted keeps what their replacements
+            // will ask for).
+            // (So does one kept for a hand-over that is over.)
+            let leaving: HashSet<ModuleKey> = i
+                .pods
+                .values()
+                .filter(|p| p.deleting)
+                .flat_map(|p| p.specs().map(ModuleSpec::key))
+                .chain(i.retained.keys().cloned())
                 .collect();
-            orphans.sort();
-            for key in orphans {
-                if due(
-                    i.inflight.get(&(OperationKind::Uninstall, key.clone())),
-                    i.now,
-                    i.command_timeout,
-                ) {
+            let mut unwanted: Vec<&ModuleKey> = reported
+                .keys()
+                .filter(|k| !keep.contains(k) && !retained(k) && !i.wanted.contains(k))
+                .collect();
+            unwanted.sort();
+            for key in unwanted {
+                let expired = leaving.contains(key)
+                    || i.orphan_since
+                        .get(key)
+                        .is_some_and(|t| i.now.saturating_duration_since(*t) >= i.orphan_grace);
+                if !leaving.contains(key) {
+                    out.orphans.push(key.clone());
+                }
+                let backing_off = i
+                    .uninstall_failures
+                    .get(key)
+                    .is_some_and(|f| f.retry_at > i.now);
+                if expired
+                    && !backing_off
+                    && due(
+                        i.inflight.get(&(OperationKind::Uninstall, key.clone())),
+                        i.now,
+                        i.command_timeout,
+                    )
+                {
                     out.uninstalls.push(key.clone());
                 }
             }
@@ -272,7 +356,10 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
             (true, None) => false,
             (true, Some(r)) => p.specs().all(|s| {
                 let k = s.key();
-                keep.contains(&k) || !r.contains_key(&k) || retain_now.contains_key(&k)
+                keep.contains(&k)
+                    || !r.contains_key(&k)
+                    || retain_now.contains_key(&k)
+                    || i.wanted.contains(&k)
             }),
         };
         if gone {
@@ -285,7 +372,33 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
     out.retain = retain;
 
     // Statuses, only while the base is alive and what it runs is known (so a restart of the
-    // controller or a returning base never flaps a pod).
+    // controller or a returning base never flaps a pod); a silent base's pods are NotReady.
+    if !i.alive {
+        for p in i.pods.values().filter(|p| !p.deleting) {
+            let views: Vec<ContainerView> = p
+                .modules
+                .iter()
+                .map(|m| match m {
+                    Err(e) => ContainerView::Invalid(e.clone()),
+                    Ok(spec) => ContainerView::Module {
+                        spec: spec.clone(),
+                        reported: None,
+                        note: Some(Note {
+                            reason: status::BASE_NOT_READY.into(),
+                            message: "the base stopped sending heartbeats; the module's state \
+                                      is unknown until it returns"
+                                .into(),
+                        }),
+                    },
+                })
+                .collect();
+            let mut st = status::compute(&views, i.base_ip, true, &i.now_time);
+            if p.status.is_some() && status::differs(p.status.as_ref(), &st) {
+                status::carry_times(p.status.as_ref(), &mut st);
+                out.statuses.push((p.uid.clone(), st));
+            }
+        }
+    }
     if i.alive {
         for p in i.pods.values().filter(|p| !p.deleting) {
             let has_invalid = p.modules.iter().any(|m| m.is_err());
@@ -351,26 +464,59 @@ fn note_for(
     if let Some(n) = i.held.get(&p.uid) {
         return Some(n.clone());
     }
-    if reported.is_none()
-        && let Some(f) = i.failures.get(&key)
-    {
-        return Some(Note {
-            reason: f.reason.clone(),
-            message: f.message.clone(),
-        });
+    let failure = i.failures.get(&key);
+    match reported.map(|r| &r.state) {
+        None | Some(BizState::Broken) if failure.is_some() => {
+            // The operation's answer carries the real reason; a module list's record is often
+            // empty or generic.
+            let f = failure?;
+            let listed = reported
+                .and_then(|r| r.message.as_deref())
+                .and_then(crate::protocol::arklet::real_reason);
+            return Some(Note {
+                reason: f.reason.clone(),
+                message: listed
+                    .filter(|_| f.message.is_empty())
+                    .unwrap_or_else(|| f.message.clone()),
+            });
+        }
+        Some(BizState::Activated) | Some(BizState::Broken) | Some(BizState::Stopped) => {
+            return None;
+        }
+        Some(BizState::Deactivated) => return None,
+        _ => {}
     }
-    if let Some(f) = i.inflight.get(&(OperationKind::Install, key))
-        && f.attempts > 1
-    {
-        return Some(Note {
-            reason: "ModuleController.InstallModuleTimedOut".into(),
+    // Starting (reported RESOLVED) or asked for and not answered yet.
+    let started = i
+        .inflight
+        .get(&(OperationKind::Install, key.clone()))
+        .map(|f| f.first_sent);
+    let starting = reported.is_some_and(|r| r.state == BizState::Resolved);
+    if started.is_none() && !starting {
+        return None;
+    }
+    let elapsed = started
+        .map(|t| i.now.saturating_duration_since(t))
+        .unwrap_or_default();
+    Some(if elapsed >= i.install_timeout {
+        Note {
+            reason: status::INSTALL_TIMED_OUT.into(),
             message: format!(
-                "no outcome from the base after {} install attempts; retrying",
-                f.attempts - 1
+                "{key} has not started on the base after {} s (deadline {} s); the base is still \
+                 asked to run it",
+                elapsed.as_secs(),
+                i.install_timeout.as_secs()
             ),
-        });
-    }
-    None
+        }
+    } else {
+        Note {
+            reason: status::INSTALL_EXECUTING.into(),
+            message: format!(
+                "the base is installing {key} ({} s so far)",
+                elapsed.as_secs()
+            ),
+        }
+    })
 }
 
 /// Failure bookkeeping for a failed install.
@@ -447,6 +593,10 @@ mod tests {
         lossless: bool,
         now: Instant,
         t: Time,
+        urls: HashMap<ModuleKey, String>,
+        wanted: HashSet<ModuleKey>,
+        orphan_since: HashMap<ModuleKey, Instant>,
+        uninstall_failures: HashMap<ModuleKey, Failure>,
     }
 
     impl Fx {
@@ -462,6 +612,10 @@ mod tests {
                 lossless: true,
                 now: Instant::now(),
                 t: time_from_ms(0).expect("t"),
+                urls: HashMap::new(),
+                wanted: HashSet::new(),
+                orphan_since: HashMap::new(),
+                uninstall_failures: HashMap::new(),
             }
         }
         fn plan(&self, alive: bool, synced: bool) -> Plan {
@@ -481,24 +635,143 @@ mod tests {
                 retained: &self.retained,
                 retention_timeout: Duration::from_secs(600),
                 lossless: self.lossless,
+                urls: &self.urls,
+                wanted: &self.wanted,
+                orphan_since: &self.orphan_since,
+                orphan_grace: Duration::from_secs(60),
+                install_timeout: Duration::from_secs(300),
+                uninstall_failures: &self.uninstall_failures,
             })
+        }
+
+        /// A command sent at `at`, `attempts` times.
+        fn sent(&mut self, kind: OperationKind, key: ModuleKey, at: Instant, attempts: u32) {
+            self.inflight.insert(
+                (kind, key),
+                InFlight {
+                    attempts,
+                    ..InFlight::new(at, None)
+                },
+            );
         }
     }
 
     #[test]
-    fn installs_missing_module_once_until_timeout() {
+    fn an_install_is_sent_again_only_when_the_base_shows_no_trace_of_it() {
         let mut fx = Fx::new(vec![pod("a", 1, "1", false)], Some(HashMap::new()));
         assert_eq!(fx.plan(true, true).installs, vec![spec("1")]);
-        fx.inflight.insert(
-            (OperationKind::Install, spec("1").key()),
-            InFlight {
-                sent_at: fx.now,
-                attempts: 1,
-            },
-        );
+        let now = fx.now;
+        fx.sent(OperationKind::Install, spec("1").key(), now, 1);
         assert!(fx.plan(true, true).installs.is_empty());
-        fx.now += Duration::from_secs(11);
+        // However long the base takes, no answer is no reason to send it again.
+        fx.now += Duration::from_secs(61);
+        assert!(fx.plan(true, true).installs.is_empty());
+        assert_eq!(
+            note(&fx, "a").map(|n| n.reason),
+            Some(status::INSTALL_EXECUTING.to_string())
+        );
+        // A list asked for after the install does not show it: the base never got it.
+        if let Some(f) = fx.inflight.values_mut().next() {
+            f.lost = true;
+        }
         assert_eq!(fx.plan(true, true).installs, vec![spec("1")]);
+    }
+
+    /// The waiting reason and message the plan gives pod `uid`'s first container.
+    fn note(fx: &Fx, uid: &str) -> Option<Note> {
+        let p = fx.plan(true, true);
+        let st = p.statuses.iter().find(|(u, _)| u == uid)?.1.clone();
+        let w = st.container_statuses?.first()?.state.clone()?.waiting?;
+        Some(Note {
+            reason: w.reason?,
+            message: w.message.unwrap_or_default(),
+        })
+    }
+
+    #[test]
+    fn a_starting_module_shows_executing_then_timed_out() {
+        let mut fx = Fx::new(
+            vec![pod("a", 1, "1", false)],
+            Some(reported(&[("1", BizState::Resolved)])),
+        );
+        let start = fx.now;
+        fx.sent(OperationKind::Install, spec("1").key(), start, 1);
+        assert!(fx.plan(true, true).installs.is_empty());
+        assert_eq!(
+            note(&fx, "a").map(|n| n.reason),
+            Some(status::INSTALL_EXECUTING.to_string())
+        );
+        fx.now = start + Duration::from_secs(301);
+        assert_eq!(
+            note(&fx, "a").map(|n| n.reason),
+            Some(status::INSTALL_TIMED_OUT.to_string())
+        );
+        assert!(fx.plan(true, true).installs.is_empty(), "still not re-sent");
+    }
+
+    #[test]
+    fn a_module_from_another_package_is_replaced_in_place() {
+        let mut fx = Fx::new(
+            vec![pod("a", 1, "1", false)],
+            Some(reported(&[("1", BizState::Activated)])),
+        );
+        assert!(
+            fx.plan(true, true).reinstalls.is_empty(),
+            "URL unknown: left alone"
+        );
+        fx.urls.insert(spec("1").key(), spec("1").url);
+        assert!(fx.plan(true, true).reinstalls.is_empty(), "same package");
+        fx.urls.insert(spec("1").key(), "file:///old.jar".into());
+        let p = fx.plan(true, true);
+        assert_eq!(p.reinstalls, vec![(spec("1"), "a".to_string())]);
+        assert!(p.installs.is_empty());
+        let now = fx.now;
+        fx.sent(OperationKind::Install, spec("1").key(), now, 1);
+        assert!(fx.plan(true, true).reinstalls.is_empty(), "in flight");
+    }
+
+    #[test]
+    fn modules_no_pod_asks_for_wait_out_the_grace_unless_wanted() {
+        let mut fx = Fx::new(vec![], Some(reported(&[("9", BizState::Activated)])));
+        let p = fx.plan(true, true);
+        assert!(p.uninstalls.is_empty(), "first seen now");
+        assert_eq!(p.orphans, vec![ModuleKey::new("m", "9")]);
+        fx.orphan_since
+            .insert(ModuleKey::new("m", "9"), fx.now - Duration::from_secs(61));
+        fx.wanted.insert(ModuleKey::new("m", "9"));
+        let p = fx.plan(true, true);
+        assert!(
+            p.uninstalls.is_empty() && p.orphans.is_empty(),
+            "a pending pod wants it"
+        );
+        fx.wanted.clear();
+        assert_eq!(
+            fx.plan(true, true).uninstalls,
+            vec![ModuleKey::new("m", "9")]
+        );
+    }
+
+    #[test]
+    fn a_silent_base_makes_its_pods_not_ready() {
+        let mut a = pod("a", 1, "1", false);
+        a.status = Some(PodStatus {
+            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let fx = Fx::new(vec![a], Some(reported(&[("1", BizState::Activated)])));
+        let p = fx.plan(false, true);
+        let (_, st) = p.statuses.first().expect("status written");
+        assert!(!is_ready(Some(st)));
+        let w = st.container_statuses.as_ref().expect("containers")[0]
+            .state
+            .clone()
+            .and_then(|s| s.waiting)
+            .expect("waiting");
+        assert_eq!(w.reason.as_deref(), Some(status::BASE_NOT_READY));
     }
 
     #[test]
@@ -511,7 +784,9 @@ mod tests {
 
     #[test]
     fn orphans_are_uninstalled_only_after_pods_synced() {
-        let fx = Fx::new(vec![], Some(reported(&[("9", BizState::Activated)])));
+        let mut fx = Fx::new(vec![], Some(reported(&[("9", BizState::Activated)])));
+        fx.orphan_since
+            .insert(ModuleKey::new("m", "9"), fx.now - Duration::from_secs(61));
         assert!(fx.plan(true, false).uninstalls.is_empty());
         assert_eq!(
             fx.plan(true, true).uninstalls,
@@ -606,7 +881,7 @@ mod tests {
             .expect("st")
             .waiting
             .expect("w");
-        assert_eq!(w.reason.as_deref(), Some("Arklet.InstallBizFailed"));
+        assert_eq!(w.reason.as_deref(), Some("Arklet.InstallModuleFailed"));
         assert_eq!(w.message.as_deref(), Some("jar missing"));
     }
 

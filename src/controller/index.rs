@@ -15,6 +15,8 @@ use tracing::{debug, info};
 
 use crate::base::BaseMsg;
 use crate::controller::gates::{BatchGates, GateDone, GateJob, Request, pending_note};
+use crate::model::ModuleKey;
+use crate::peer::{PeerTemplate, peer_template};
 use crate::rollout::gate::GatePod;
 use crate::rollout::{PolicySource, is_admit_all};
 use crate::vnode::shape;
@@ -38,6 +40,10 @@ pub enum Out {
     Base(String, BaseMsg),
     /// The owners with a rollout in progress changed: every task hears it.
     Rollouts(Arc<HashSet<String>>),
+    /// The modules unbound pods ask for changed: every task hears it.
+    Wanted(Arc<HashSet<ModuleKey>>),
+    /// The peer Deployments changed: every task hears it.
+    Peers(Arc<Vec<PeerTemplate>>),
     /// The pod lists were (re)listed: every task gets its full pod list ([`Index::pods_on`]).
     Resynced,
     /// A batch policy must be evaluated (off the loop); its result goes to
@@ -117,6 +123,10 @@ pub struct Index {
     sent_holds: HashMap<String, Note>,
     /// Pods a completed evaluation of their owner's policy has decided on.
     decided_pods: HashSet<String>,
+    /// How many live unbound pods ask for each module.
+    pending_keys: HashMap<ModuleKey, usize>,
+    wanted: Arc<HashSet<ModuleKey>>,
+    peers: Arc<Vec<PeerTemplate>>,
 }
 
 impl Index {
@@ -136,6 +146,9 @@ impl Index {
             gates: BatchGates::default(),
             sent_holds: HashMap::new(),
             decided_pods: HashSet::new(),
+            pending_keys: HashMap::new(),
+            wanted: Arc::new(HashSet::new()),
+            peers: Arc::new(Vec::new()),
         }
     }
 
@@ -165,9 +178,13 @@ impl Index {
     }
 
     /// What the task of VNode `node` must hear first when it starts, in order: rollouts,
-    /// holds, its pods.
+    /// wanted modules, peer Deployments, holds, its pods.
     pub fn bootstrap(&self, node: &str) -> Vec<BaseMsg> {
-        let mut out = vec![BaseMsg::Rollouts(self.rollouts.clone())];
+        let mut out = vec![
+            BaseMsg::Rollouts(self.rollouts.clone()),
+            BaseMsg::Wanted(self.wanted.clone()),
+            BaseMsg::Peers(self.peers.clone()),
+        ];
         if !self.synced() {
             return out;
         }
@@ -240,6 +257,7 @@ impl Index {
             }
         };
         self.refresh_rollouts(&mut out);
+        self.refresh_wanted(&mut out);
         // Holds first, then the pod changes: a task never sees a new pod before knowing
         // whether the batch policy holds it.
         for owner in touched {
@@ -288,6 +306,7 @@ impl Index {
         };
         let mut out = Vec::new();
         self.refresh_rollouts(&mut out);
+        self.refresh_peers(&mut out);
         let touched: BTreeSet<String> = touched.into_iter().collect();
         for owner in touched {
             self.gate_owner(&owner, now, &mut out);
@@ -304,7 +323,33 @@ impl Index {
         out
     }
 
+    /// The modules a pod asks for while it is live and unbound (it may still bind anywhere).
+    fn pending_contribution(p: &Pod) -> Vec<ModuleKey> {
+        if node_of(p).is_some() || p.metadata.deletion_timestamp.is_some() {
+            return Vec::new();
+        }
+        modules_of(p)
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|m| m.key())
+            .collect()
+    }
+
+    fn count_pending(&mut self, p: &Pod, delta: isize) {
+        for k in Self::pending_contribution(p) {
+            let n = self.pending_keys.entry(k.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                self.pending_keys.remove(&k);
+            }
+        }
+    }
+
     fn insert(&mut self, uid: String, p: Arc<Pod>) {
+        if let Some(old) = self.pods.get(&uid).cloned() {
+            self.count_pending(&old, -1);
+        }
+        self.count_pending(&p, 1);
         if let Some(old) = self.pods.get(&uid)
             && let Some(n) = node_of(old)
             && node_of(&p) != Some(n)
@@ -324,6 +369,7 @@ impl Index {
 
     fn remove(&mut self, uid: &str) {
         if let Some(p) = self.pods.remove(uid) {
+            self.count_pending(&p, -1);
             if let Some(n) = node_of(&p)
                 && let Some(set) = self.by_node.get_mut(n)
             {
@@ -351,6 +397,7 @@ impl Index {
         self.pods.clear();
         self.by_node.clear();
         self.owners.clear();
+        self.pending_keys.clear();
         for (uid, p) in pods {
             self.insert(uid, p);
         }
@@ -374,6 +421,31 @@ impl Index {
             if entry.is_empty() {
                 self.owners.remove(&owner.key);
             }
+        }
+    }
+
+    fn refresh_wanted(&mut self, out: &mut Vec<Out>) {
+        if self.wanted.len() == self.pending_keys.len()
+            && self.pending_keys.keys().all(|k| self.wanted.contains(k))
+        {
+            return;
+        }
+        self.wanted = Arc::new(self.pending_keys.keys().cloned().collect());
+        out.push(Out::Wanted(self.wanted.clone()));
+    }
+
+    fn refresh_peers(&mut self, out: &mut Vec<Out>) {
+        let mut peers: Vec<PeerTemplate> = self
+            .deployments
+            .0
+            .state()
+            .iter()
+            .filter_map(|d| peer_template(d, &self.env))
+            .collect();
+        peers.sort_by(|a, b| a.owner.cmp(&b.owner));
+        if *self.peers != peers {
+            self.peers = Arc::new(peers);
+            out.push(Out::Peers(self.peers.clone()));
         }
     }
 
@@ -609,6 +681,8 @@ mod tests {
                 }
                 Out::Resynced => "resynced".into(),
                 Out::Evaluate(j) => format!("evaluate:{}", j.owner),
+                Out::Wanted(w) => format!("wanted:{}", w.len()),
+                Out::Peers(p) => format!("peers:{}", p.len()),
             })
             .collect()
     }
@@ -639,13 +713,17 @@ mod tests {
         let mut ix = index();
         sync(&mut ix, now);
         let out = ix.on_pod_event(0, watcher::Event::Apply(pod("a", "u1", "h1", None, 0)), now);
-        assert!(describe(&out).is_empty(), "{:?}", describe(&out));
+        assert_eq!(
+            describe(&out),
+            vec!["wanted:1"],
+            "unbound: only wanted somewhere"
+        );
         let out = ix.on_pod_event(
             0,
             watcher::Event::Apply(pod("a", "u1", "h1", Some("vnode.b1.dev"), 0)),
             now,
         );
-        assert_eq!(describe(&out), vec!["vnode.b1.dev:upsert:a"]);
+        assert_eq!(describe(&out), vec!["wanted:0", "vnode.b1.dev:upsert:a"]);
         let out = ix.on_pod_event(
             0,
             watcher::Event::Apply(pod("c", "u3", "h1", Some("vnode.x.other"), 0)),
@@ -684,7 +762,10 @@ mod tests {
             now,
         );
         let out = ix.on_pod_event(0, watcher::Event::Apply(pod("b", "u2", "h2", None, 0)), now);
-        assert_eq!(describe(&out), vec![r#"rollouts:["ns/Deployment/d"]"#]);
+        assert_eq!(
+            describe(&out),
+            vec![r#"rollouts:["ns/Deployment/d"]"#, "wanted:1"]
+        );
         let out = ix.on_pod_event(
             0,
             watcher::Event::Delete(pod("a", "u1", "h1", Some("vnode.b1.dev"), 0)),
@@ -745,7 +826,7 @@ mod tests {
         // A new task for b1 learns the hold before its pods.
         let boot = ix.bootstrap("vnode.b1.dev");
         assert!(
-            matches!(boot.as_slice(), [BaseMsg::Rollouts(_), BaseMsg::Holds(_), BaseMsg::PodsSynced(p)] if p.len() == 1)
+            matches!(boot.as_slice(), [BaseMsg::Rollouts(_), BaseMsg::Wanted(_), BaseMsg::Peers(_), BaseMsg::Holds(_), BaseMsg::PodsSynced(p)] if p.len() == 1)
         );
         // The policy is dropped from the Deployment: the hold is released.
         let out = ix.on_deployment_event(watcher::Event::Apply(deployment(false)), now);
@@ -770,6 +851,7 @@ mod tests {
         assert_eq!(
             describe(&out),
             vec![
+                "wanted:0",
                 "vnode.b1.dev:holds:u1=true",
                 "evaluate:ns/Deployment/d",
                 "vnode.b1.dev:upsert:a"

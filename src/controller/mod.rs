@@ -5,6 +5,7 @@
 mod faults;
 pub mod gates;
 pub mod index;
+pub mod sharing;
 mod tasks;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api as KubeApi;
 use kube::runtime::watcher;
@@ -33,15 +35,20 @@ use crate::metrics::Metrics;
 use crate::model::{BaseEvent, BaseLifecycle, BaseMetadata, ModuleSpec, TunnelEvent};
 use crate::plugin::PluginPool;
 use crate::rollout::PolicySource;
+use crate::shard::writer::{LeaseWriter, Written};
+use crate::shard::{ShardSettings, Shards};
 use crate::tunnel::Tunnel;
 use crate::tunnel::arklet_codec::ArkletCodec;
 use crate::tunnel::codec::CodecSet;
-use crate::tunnel::http::{BaselineProvider, HttpTunnel};
+use crate::tunnel::http::{BaselineProvider, HttpTunnel, HttpTunnelConfig};
 use crate::tunnel::mqtt::MqttTunnel;
 use crate::vnode::liveness::LivenessPolicy;
-use crate::vnode::shape::{self, COMPONENT_LABEL, ENV_LABEL, IDENTITY_ANNOTATION, TUNNEL_LABEL};
+use crate::vnode::shape::{
+    self, COMPONENT_LABEL, ENV_LABEL, IDENTITY_ANNOTATION, MODULE_URLS_ANNOTATION, TUNNEL_LABEL,
+};
 use gates::{GateDone, GateJob};
 use index::{Index, Out, POD_STREAMS, pod_selector};
+use sharing::{OwnerDirectory, Sharing};
 use tasks::{Exit, TaskDeps, Tasks};
 
 pub use faults::report_plugin_faults;
@@ -50,8 +57,8 @@ pub use faults::report_plugin_faults;
 const TICK: Duration = Duration::from_millis(500);
 /// Longest wait for a base task to answer an HTTP base's queryBaseline.
 const BASELINE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest an Arklet HTTP call may take.
-const HTTP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest an Arklet HTTP list or health call may take.
+const HTTP_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Events from all tunnels waiting for the loop.
 const EVENT_QUEUE: usize = 8192;
 
@@ -230,12 +237,19 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
     let (baseline_tx, baseline_rx) = mpsc::channel::<BaselineRequest>(256);
     let mut tunnels: HashMap<String, Arc<dyn Tunnel>> = HashMap::new();
     let mut http_addr = None;
+    let directory = Arc::new(OwnerDirectory::new(&settings.env));
 
     if let Some(m) = &settings.mqtt {
         let (tx, rx) = mpsc::channel::<BaseEvent>(EVENT_QUEUE);
+        let codec = match settings.cluster {
+            // Replicas sharing the bases watch each other's commands (no double sends on a
+            // takeover).
+            Some(_) => ArkletCodec::new(&settings.env).observing_commands(),
+            None => ArkletCodec::new(&settings.env),
+        };
         let t = MqttTunnel::start(
             m,
-            Arc::new(ArkletCodec::new(&settings.env)),
+            Arc::new(codec),
             deps.codecs.clone(),
             tx,
             metrics.mqtt.clone(),
@@ -249,11 +263,19 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
     if let Some(port) = settings.http_port {
         let (tx, rx) = mpsc::channel::<BaseEvent>(EVENT_QUEUE);
         let t = HttpTunnel::start(
-            SocketAddr::from(([0, 0, 0, 0], port)),
+            HttpTunnelConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], port)),
+                query_timeout: HTTP_QUERY_TIMEOUT,
+                operation_timeout: settings.install_timeout,
+                token: settings.http_token.clone(),
+            },
             tx,
             Arc::new(ChannelBaseline(baseline_tx.clone())),
-            HTTP_CALL_TIMEOUT,
             metrics.http.clone(),
+            settings
+                .cluster
+                .as_ref()
+                .map(|_| directory.clone() as Arc<dyn crate::tunnel::http::Forwarding>),
         )
         .await
         .with_context(|| format!("starting the HTTP tunnel on port {port}"))?;
@@ -286,6 +308,13 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         command_timeout: settings.command_timeout,
         tick: TICK,
         retention_timeout: settings.retention_timeout,
+        install_timeout: settings.install_timeout,
+        orphan_grace: settings.orphan_grace,
+        owned_from_start: settings.cluster.is_none(),
+        observer_linger: settings
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.lease * 2),
         order: deps.order,
     });
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
@@ -324,6 +353,41 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         cancel.child_token(),
     );
     let (gate_tx, gate_rx) = mpsc::unbounded_channel();
+    let (written_tx, written_rx) = mpsc::unbounded_channel();
+    let (sharing, lease_rx) = match &settings.cluster {
+        None => (None, None),
+        Some(c) => {
+            let endpoint = match (&c.advertise_host, http_addr) {
+                (Some(host), Some(addr)) => Some(format!("http://{host}:{}", addr.port())),
+                _ => None,
+            };
+            let shard_settings = ShardSettings {
+                me: settings.client_id.clone(),
+                env: settings.env.clone(),
+                namespace: c.namespace.clone(),
+                lease: c.lease,
+                max_level: c.max_level,
+                endpoint,
+            };
+            let rx = watches::spawn(
+                "ownership-leases",
+                KubeApi::<Lease>::namespaced(deps.client.clone(), &c.namespace),
+                watcher::Config::default().labels(&shard_settings.selector()),
+                health.watches.clone(),
+                metrics.watches.clone(),
+                cancel.child_token(),
+            );
+            info!(namespace = %c.namespace, lease_secs = c.lease.as_secs(), "sharing the bases with the other replicas (IS_CLUSTER)");
+            let writer = LeaseWriter::new(api.clone(), &c.namespace, written_tx);
+            let sharing = Sharing::new(
+                Shards::new(shard_settings),
+                writer,
+                directory.clone(),
+                metrics.shards.clone(),
+            );
+            (Some(sharing), Some(rx))
+        }
+    };
     let core = Loop {
         env: settings.env.clone(),
         index: Index::new(&settings.env, deps.policies),
@@ -331,6 +395,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         metrics: metrics.clone(),
         pool: deps.pool,
         gate_tx,
+        sharing,
     };
     let c = cancel.clone();
     let loop_api = api.clone();
@@ -344,6 +409,8 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
                 pods: pod_rx,
                 deployments: deploy_rx,
                 gates: gate_rx,
+                leases: lease_rx,
+                written: written_rx,
             },
             c,
         )
@@ -380,6 +447,8 @@ struct Inputs {
     pods: Vec<mpsc::Receiver<watcher::Event<Pod>>>,
     deployments: mpsc::Receiver<watcher::Event<Deployment>>,
     gates: mpsc::UnboundedReceiver<GateDone>,
+    leases: Option<mpsc::Receiver<watcher::Event<Lease>>>,
+    written: mpsc::UnboundedReceiver<Written>,
 }
 
 /// The loop: never waits on anything but its inputs.
@@ -390,9 +459,19 @@ struct Loop {
     metrics: Arc<Metrics>,
     pool: Option<PluginPool>,
     gate_tx: mpsc::UnboundedSender<GateDone>,
+    sharing: Option<Sharing>,
 }
 
 impl Loop {
+    /// Starts the task of a base and, when replicas share the bases, lets the others know.
+    fn spawn(&mut self, base_id: &str, tunnel: &str, boot: Vec<BaseMsg>) -> bool {
+        let started = self.tasks.spawn(base_id, tunnel, boot);
+        if started && let Some(s) = self.sharing.as_mut() {
+            s.base_seen(&shape::node_name(base_id, &self.env));
+        }
+        started
+    }
+
     /// Hands the index's output on: evaluations to the plugin pool, the rest to the tasks.
     fn deliver(&self, outs: Vec<Out>) {
         let mut rest = Vec::with_capacity(outs.len());
@@ -457,7 +536,23 @@ impl Loop {
                 _ = cancel.cancelled() => break,
                 Some((tunnel, ev)) = inp.events.recv() => self.on_base_event(&tunnel, ev),
                 Some(req) = inp.baselines.recv() => self.on_baseline_request(req),
-                Some((base, generation, exit)) = inp.exits.recv() => self.tasks.on_exit(&base, generation, exit),
+                Some((node, generation, exit)) = inp.exits.recv() => {
+                    if self.tasks.on_exit(&node, generation, exit)
+                        && let Some(s) = self.sharing.as_mut()
+                    {
+                        s.base_gone(&node, &self.tasks);
+                    }
+                }
+                Some(ev) = recv_opt(&mut inp.leases) => {
+                    if let Some(s) = self.sharing.as_mut() {
+                        s.on_lease(ev, Instant::now());
+                    }
+                }
+                Some(w) = inp.written.recv() => {
+                    if let Some(s) = self.sharing.as_mut() {
+                        s.on_written(w, &self.tasks, Instant::now());
+                    }
+                }
                 Some((stream, ev)) = futures::StreamExt::next(&mut pods) => {
                     self.metrics.controller.pod_events.inc();
                     let out = self.index.on_pod_event(stream, ev, Instant::now());
@@ -474,10 +569,16 @@ impl Loop {
                 _ = tick.tick() => {
                     let out = self.index.recheck(Instant::now());
                     self.deliver(out);
+                    if let Some(s) = self.sharing.as_mut() {
+                        s.tick(&self.tasks, Instant::now());
+                    }
                 }
             }
         }
         info!("controller stopping");
+        if let Some(s) = self.sharing.as_mut() {
+            s.leave(&self.tasks).await;
+        }
         self.tasks.clear();
         for t in self.tasks.tunnels() {
             t.stop().await;
@@ -522,8 +623,15 @@ impl Loop {
                     } else {
                         "mqtt"
                     };
-                    let boot = self.index.bootstrap(name);
-                    self.tasks.spawn(&id, tunnel, boot);
+                    let mut boot = self.index.bootstrap(name);
+                    let urls = n
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(MODULE_URLS_ANNOTATION))
+                        .cloned();
+                    boot.insert(0, BaseMsg::Adopted { urls });
+                    self.spawn(&id, tunnel, boot);
                 }
             }
             Err(e) => {
@@ -546,7 +654,7 @@ impl Loop {
             }
             info!(base = %ev.base_id, %node, tunnel, "new base");
             let boot = self.index.bootstrap(&node);
-            if !self.tasks.spawn(&ev.base_id, tunnel, boot) {
+            if !self.spawn(&ev.base_id, tunnel, boot) {
                 return;
             }
         }
@@ -569,12 +677,20 @@ impl Loop {
         let node = shape::node_name(&id, &self.env);
         if !self.tasks.contains(&node) {
             let boot = self.index.bootstrap(&node);
-            if !self.tasks.spawn(&id, "http", boot) {
+            if !self.spawn(&id, "http", boot) {
                 let _ = req.reply.send(Vec::new());
                 return;
             }
         }
         self.tasks.send(&node, BaseMsg::Baseline(req.reply));
+    }
+}
+
+/// Receives from an optional channel; pending forever when there is none.
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

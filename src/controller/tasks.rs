@@ -134,6 +134,16 @@ impl Tasks {
                         let _ = t.tx.send(BaseMsg::Rollouts(r.clone()));
                     }
                 }
+                Out::Wanted(w) => {
+                    for t in self.tasks.values() {
+                        let _ = t.tx.send(BaseMsg::Wanted(w.clone()));
+                    }
+                }
+                Out::Peers(p) => {
+                    for t in self.tasks.values() {
+                        let _ = t.tx.send(BaseMsg::Peers(p.clone()));
+                    }
+                }
                 Out::Evaluate(job) => {
                     debug!(owner = %job.owner, "evaluation reached the tasks; dropped");
                 }
@@ -147,8 +157,9 @@ impl Tasks {
         }
     }
 
-    /// A task ended; forgets it unless a newer task for the same base already runs.
-    pub fn on_exit(&mut self, node: &str, generation: u64, exit: ActorExit) {
+    /// A task ended; forgets it unless a newer task for the same base already runs. True when
+    /// the base has no task any more.
+    pub fn on_exit(&mut self, node: &str, generation: u64, exit: ActorExit) -> bool {
         info!(node, ?exit, "base task ended");
         self.deps.metrics.task_exits.inc();
         if self
@@ -158,8 +169,10 @@ impl Tasks {
         {
             self.tasks.remove(node);
             self.deps.metrics.bases.dec();
+            true
         } else {
             debug!(node, "an older task of the base ended");
+            false
         }
     }
 

@@ -27,6 +27,59 @@ use crate::vnode::shape::{COMPONENT_LABEL, ENV_LABEL, NODE_ENV_TAINT};
 
 pub use task::{PeerMetrics, run};
 
+/// What a base needs to know of a peer Deployment: which bases it runs on and its modules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerTemplate {
+    /// `namespace/Deployment/name`.
+    pub owner: String,
+    /// The pod template's spec (node selection).
+    pub spec: Option<PodSpec>,
+    /// Its modules.
+    pub modules: Vec<crate::model::ModuleSpec>,
+}
+
+/// The template of a peer Deployment of `env`, if `d` is one.
+pub fn peer_template(d: &Deployment, env: &str) -> Option<PeerTemplate> {
+    if !is_peer(d) || d.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    if named_env(d).is_some_and(|e| e != env) {
+        return None;
+    }
+    let template = &d.spec.as_ref()?.template;
+    let pod = k8s_openapi::api::core::v1::Pod {
+        metadata: template.metadata.clone().unwrap_or_default(),
+        spec: template.spec.clone(),
+        status: None,
+    };
+    let modules = crate::vpod::spec::modules_of(&pod)
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+    Some(PeerTemplate {
+        owner: format!(
+            "{}/Deployment/{}",
+            d.namespace().unwrap_or_default(),
+            d.name_any()
+        ),
+        spec: template.spec.clone(),
+        modules,
+    })
+}
+
+/// The modules of the peer Deployments whose pods may run on `node`: a new base gets them
+/// in its baseline, and they are not uninstalled while waiting for their pods.
+pub fn modules_for(templates: &[PeerTemplate], node: &Node) -> Vec<crate::model::ModuleSpec> {
+    let mut out: Vec<crate::model::ModuleSpec> = templates
+        .iter()
+        .filter(|t| schedulable_on(t.spec.as_ref(), node))
+        .flat_map(|t| t.modules.iter().cloned())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Label that marks a Deployment as a peer deployment (value [`PEER_STRATEGY`]).
 pub const STRATEGY_LABEL: &str = "virtual-kubelet.koupleless.io/strategy";
 /// Value of [`STRATEGY_LABEL`] for peer deployments.

@@ -93,17 +93,26 @@ fn event(e: w::TunnelEvent) -> TunnelEvent {
                 })
                 .collect(),
         ),
-        w::TunnelEvent::Operation(o) => TunnelEvent::Operation(OperationResult {
-            kind: match o.kind {
+        w::TunnelEvent::Operation(o) => {
+            let kind = match o.kind {
                 w::OperationKind::Install => OperationKind::Install,
                 w::OperationKind::Uninstall => OperationKind::Uninstall,
-            },
-            name: o.name,
-            version: o.version,
-            success: o.success,
-            error_code: o.error_code,
-            message: o.message,
-        }),
+            };
+            // Adapters report Arklet-style answers; the same rules tell a conflict or an
+            // already-reached goal from a failure.
+            let outcome = crate::protocol::arklet::classify(
+                kind,
+                o.success,
+                o.error_code.as_deref(),
+                &[Some(o.message.as_str())],
+            );
+            TunnelEvent::Operation(OperationResult {
+                kind,
+                name: o.name,
+                version: o.version,
+                outcome,
+            })
+        }
         w::TunnelEvent::Unreachable(reason) => TunnelEvent::Unreachable { reason },
     }
 }
@@ -118,7 +127,8 @@ fn spec(m: &ModuleSpec) -> w::ModuleSpec {
 
 fn command(c: &BaseCommand) -> w::Command {
     match c {
-        BaseCommand::Install(m) => w::Command::Install(spec(m)),
+        // WIT 1.0 has no install strategy: an adapter gets a plain install.
+        BaseCommand::Install(m) | BaseCommand::Reinstall(m) => w::Command::Install(spec(m)),
         BaseCommand::Uninstall(k) => w::Command::Uninstall(w::ModuleKey {
             name: k.name.clone(),
             version: k.version.clone(),

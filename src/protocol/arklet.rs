@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{
     BaseHealth, BaseHeartbeat, BaseLifecycle, BaseMetadata, BizState, ModuleSpec, ModuleStatus,
-    OperationKind, OperationResult,
+    OperationKind, OperationResult, Outcome,
 };
 
 /// Envelope of every base → controller MQTT message.
@@ -127,9 +127,11 @@ pub struct WireSimpleBiz {
     pub latest_state_record: Option<WireStateRecord>,
 }
 
-/// One entry of the legacy `base/biz` answer.
+/// A `BizInfo`: one entry of the legacy MQTT `base/biz` answer and of the HTTP `queryAllBiz`
+/// answer. Arklet builds have called the record list `bizStateRecords` and (briefly)
+/// `bizStateChangeLogs`; states come in any case; other fields (a class loader…) are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WireLegacyBiz {
+pub struct WireBizInfo {
     #[serde(rename = "bizName")]
     pub biz_name: String,
     #[serde(default, rename = "bizVersion")]
@@ -140,19 +142,19 @@ pub struct WireLegacyBiz {
     pub main_class: Option<String>,
     #[serde(default, rename = "webContextPath")]
     pub web_context_path: Option<String>,
-    #[serde(default, rename = "bizStateRecords")]
+    #[serde(default, rename = "bizStateRecords", alias = "bizStateChangeLogs")]
     pub biz_state_records: Vec<WireStateRecord>,
 }
 
 /// The legacy `base/biz` payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WireLegacyBizResponse {
+pub struct WireBizInfoResponse {
     #[serde(default)]
     pub code: String,
     #[serde(default)]
     pub message: Option<String>,
     #[serde(default)]
-    pub data: Vec<WireLegacyBiz>,
+    pub data: Vec<WireBizInfo>,
 }
 
 /// Generic Arklet reply: `{code, message, data, errorStackTrace, baseIdentity}`.
@@ -231,7 +233,17 @@ pub struct WireInstallBiz {
     pub biz_version: String,
     #[serde(rename = "bizUrl")]
     pub biz_url: String,
+    /// `uninstallThenInstall` to replace an installed module of the same name and version.
+    #[serde(
+        default,
+        rename = "installStrategy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub install_strategy: Option<String>,
 }
+
+/// `installStrategy` that replaces an installed module of the same identity.
+pub const UNINSTALL_THEN_INSTALL: &str = "uninstallThenInstall";
 
 /// `uninstallBiz` command body (MQTT and HTTP).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,7 +373,7 @@ impl WireSimpleBiz {
     }
 }
 
-impl WireLegacyBiz {
+impl WireBizInfo {
     /// Canonical module status; the latest record is the one with the greatest change time.
     pub fn to_model(&self) -> ModuleStatus {
         let latest = self
@@ -401,31 +413,91 @@ pub fn operation_result(
     version: &str,
     resp: &WireResponse<WireOperationData>,
 ) -> OperationResult {
-    let success = resp.code.eq_ignore_ascii_case("SUCCESS");
     let data = resp.data.clone().unwrap_or_default();
-    // Arklet puts the specific error code (e.g. InstallBizFailed) in data.code when it has one.
-    let error_code = if success {
-        None
-    } else {
-        data.code
-            .clone()
-            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("FAILED"))
-            .or_else(|| Some(resp.code.clone()).filter(|c| !c.is_empty()))
-    };
-    let message = data
-        .message
-        .clone()
-        .filter(|m| !m.is_empty())
-        .or_else(|| resp.message.clone())
-        .unwrap_or_default();
+    let outcome = classify(
+        kind,
+        resp.code.eq_ignore_ascii_case("SUCCESS"),
+        data.code.as_deref().or(Some(resp.code.as_str())),
+        &[
+            data.message.as_deref(),
+            resp.error_stack_trace.as_deref(),
+            resp.message.as_deref(),
+        ],
+    );
     OperationResult {
         kind,
         name: name.to_string(),
         version: version.to_string(),
-        success,
-        error_code,
+        outcome,
+    }
+}
+
+/// What an Arklet answer means. `texts` are the answer's messages, most specific first
+/// (`data.message`, `errorStackTrace`, `message`).
+pub fn classify(
+    kind: OperationKind,
+    success: bool,
+    code: Option<&str>,
+    texts: &[Option<&str>],
+) -> Outcome {
+    if success {
+        return Outcome::Succeeded;
+    }
+    let code = code.map(str::trim).filter(|c| !c.is_empty());
+    match (kind, code) {
+        (OperationKind::Install, Some(c)) if c.eq_ignore_ascii_case("REPEAT_BIZ") => {
+            return Outcome::AlreadyInstalled;
+        }
+        (OperationKind::Uninstall, Some(c)) if c.eq_ignore_ascii_case("NOT_FOUND_BIZ") => {
+            return Outcome::NotInstalled;
+        }
+        _ => {}
+    }
+    // "FAILED:<name>:<version> installBiz conflict, exist unfinished command(installBiz) for
+    // this biz": the base is still working on an earlier command for this module.
+    if texts
+        .iter()
+        .flatten()
+        .any(|t| t.contains("conflict") && t.contains("unfinished command"))
+    {
+        return Outcome::Busy;
+    }
+    let message = texts
+        .iter()
+        .flatten()
+        .find_map(|t| real_reason(t))
+        .unwrap_or_else(|| format!("{} failed with no message from the base", kind.command()));
+    Outcome::Failed {
+        code: code.map(str::to_string),
         message,
     }
+}
+
+/// The reason a user needs from an Arklet message: the root cause of a Java stack trace (its
+/// last `Caused by:`), else its first line; `None` for empty texts and texts that name no
+/// reason ("install biz not success!", a bare `InvocationTargetException`).
+pub fn real_reason(text: &str) -> Option<String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let cause = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Caused by:"))
+        .map(str::trim)
+        .rfind(|c| !c.is_empty());
+    let line = cause.unwrap_or_else(|| text.lines().next().unwrap_or(text).trim());
+    (!is_generic(line)).then(|| line.to_string())
+}
+
+fn is_generic(line: &str) -> bool {
+    const GENERIC: [&str; 3] = [
+        "install biz not success!",
+        "uninstall biz not success!",
+        "java.lang.reflect.InvocationTargetException",
+    ];
+    GENERIC.iter().any(|g| line.eq_ignore_ascii_case(g))
+        || line.ends_with(": java.lang.reflect.InvocationTargetException")
 }
 
 impl From<&ModuleSpec> for WireInstallBiz {
@@ -434,6 +506,7 @@ impl From<&ModuleSpec> for WireInstallBiz {
             biz_name: m.name.clone(),
             biz_version: m.version.clone(),
             biz_url: m.url.clone(),
+            install_strategy: None,
         }
     }
 }
@@ -511,7 +584,7 @@ mod tests {
     #[test]
     fn legacy_biz_takes_latest_record() {
         let raw = r#"{"code":"SUCCESS","data":[{"bizName":"b","bizVersion":"1","bizState":"ACTIVATED","bizStateRecords":[{"changeTime":5,"state":"RESOLVED"},{"changeTime":9,"state":"ACTIVATED","message":"done"}]}]}"#;
-        let r: WireLegacyBizResponse = serde_json::from_str(raw).expect("parse");
+        let r: WireBizInfoResponse = serde_json::from_str(raw).expect("parse");
         let m = r.data[0].to_model();
         assert_eq!(m.state, BizState::Activated);
         assert_eq!(m.change_time_ms, Some(9));
@@ -524,13 +597,17 @@ mod tests {
         let op: WireBizOperation = serde_json::from_str(raw).expect("parse");
         let r = op.to_model().expect("known");
         assert_eq!(r.kind, OperationKind::Install);
-        assert!(!r.success);
-        assert_eq!(r.error_code.as_deref(), Some("InstallBizFailed"));
-        assert_eq!(r.message, "jar not found");
+        assert_eq!(
+            r.outcome,
+            Outcome::Failed {
+                code: Some("InstallBizFailed".into()),
+                message: "jar not found".into()
+            }
+        );
         let ok = r#"{"command":"uninstallBiz","bizName":"biz1","bizVersion":"0.0.1","response":{"code":"SUCCESS","data":{}}}"#;
         let op: WireBizOperation = serde_json::from_str(ok).expect("parse");
         let r = op.to_model().expect("known");
-        assert!(r.success && r.kind == OperationKind::Uninstall && r.error_code.is_none());
+        assert!(r.outcome == Outcome::Succeeded && r.kind == OperationKind::Uninstall);
     }
 
     #[test]

@@ -86,6 +86,20 @@ pub fn subscription(env: &str, kind: UpTopic) -> String {
     format!("{}/+/{}", prefix(env), kind.suffix())
 }
 
+/// Parses a command topic (`installBiz`, `uninstallBiz`) into (base id, suffix): replicas
+/// sharing the bases watch each other's commands so that a takeover sends none twice.
+pub fn parse_command(env: &str, topic: &str) -> Option<(String, &'static str)> {
+    let rest = topic.strip_prefix(&prefix(env))?.strip_prefix('/')?;
+    let (id, suffix) = rest.split_once('/')?;
+    if id.is_empty() || id.contains(['+', '#']) {
+        return None;
+    }
+    [down::INSTALL_BIZ, down::UNINSTALL_BIZ]
+        .into_iter()
+        .find(|s| *s == suffix)
+        .map(|s| (id.to_string(), s))
+}
+
 /// Parses an up topic into (base id, kind); `None` for another env or an unknown suffix.
 pub fn parse_up(env: &str, topic: &str) -> Option<(String, UpTopic)> {
     let rest = topic.strip_prefix(&prefix(env))?.strip_prefix('/')?;

@@ -2,8 +2,9 @@
 
 use crate::model::{BaseCommand, BaseEvent, TunnelEvent};
 use crate::protocol::arklet::{
-    Envelope, WireBaseMetadata, WireBatchInstallResponse, WireBizOperation, WireHealth,
-    WireHeartbeat, WireInstallBiz, WireLegacyBizResponse, WireSimpleBiz, WireUninstallBiz,
+    Envelope, UNINSTALL_THEN_INSTALL, WireBaseMetadata, WireBatchInstallResponse,
+    WireBizInfoResponse, WireBizOperation, WireHealth, WireHeartbeat, WireInstallBiz,
+    WireSimpleBiz, WireUninstallBiz,
 };
 use crate::protocol::mqtt_topics::{self, UpTopic, down};
 use crate::tunnel::codec::{DecodeError, EncodeError, MessageCodec, OutMessage};
@@ -15,6 +16,7 @@ pub const STALE_AFTER_MS: i64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct ArkletCodec {
     env: String,
+    observe_commands: bool,
 }
 
 impl ArkletCodec {
@@ -22,7 +24,49 @@ impl ArkletCodec {
     pub fn new(env: &str) -> Self {
         ArkletCodec {
             env: env.to_ascii_lowercase(),
+            observe_commands: false,
         }
+    }
+
+    /// Also decodes the install/uninstall commands controller replicas publish, so that
+    /// replicas sharing the bases know what the owner of a base has asked of it.
+    pub fn observing_commands(mut self) -> Self {
+        self.observe_commands = true;
+        self
+    }
+
+    fn decode_command(
+        &self,
+        base_id: String,
+        suffix: &str,
+        payload: &[u8],
+    ) -> Result<Vec<BaseEvent>, DecodeError> {
+        let body: WireInstallBiz = match suffix {
+            down::INSTALL_BIZ => parse(payload)?,
+            _ => {
+                let u: WireUninstallBiz = parse(payload)?;
+                let key = crate::model::ModuleKey::new(&u.biz_name, &u.biz_version);
+                return Ok(vec![BaseEvent {
+                    base_id,
+                    event: TunnelEvent::CommandSeen(BaseCommand::Uninstall(key)),
+                }]);
+            }
+        };
+        let replace = body.install_strategy.as_deref() == Some(UNINSTALL_THEN_INSTALL);
+        let spec = crate::model::ModuleSpec {
+            name: body.biz_name,
+            version: body.biz_version,
+            url: body.biz_url,
+        };
+        let cmd = if replace {
+            BaseCommand::Reinstall(spec)
+        } else {
+            BaseCommand::Install(spec)
+        };
+        Ok(vec![BaseEvent {
+            base_id,
+            event: TunnelEvent::CommandSeen(cmd),
+        }])
     }
 }
 
@@ -48,14 +92,21 @@ impl MessageCodec for ArkletCodec {
     }
 
     fn subscriptions(&self) -> Vec<String> {
-        UpTopic::ALL
+        let mut subs: Vec<String> = UpTopic::ALL
             .iter()
             .map(|k| mqtt_topics::subscription(&self.env, *k))
-            .collect()
+            .collect();
+        if self.observe_commands {
+            for c in [down::INSTALL_BIZ, down::UNINSTALL_BIZ] {
+                subs.push(format!("{}/+/{c}", mqtt_topics::prefix(&self.env)));
+            }
+        }
+        subs
     }
 
     fn handles(&self, topic: &str) -> bool {
         mqtt_topics::parse_up(&self.env, topic).is_some()
+            || (self.observe_commands && mqtt_topics::parse_command(&self.env, topic).is_some())
     }
 
     fn decode(
@@ -64,6 +115,11 @@ impl MessageCodec for ArkletCodec {
         payload: &[u8],
         now_ms: i64,
     ) -> Result<Vec<BaseEvent>, DecodeError> {
+        if self.observe_commands
+            && let Some((base_id, suffix)) = mqtt_topics::parse_command(&self.env, topic)
+        {
+            return self.decode_command(base_id, suffix, payload);
+        }
         let (base_id, kind) =
             mqtt_topics::parse_up(&self.env, topic).ok_or(DecodeError::UnknownTopic)?;
         let event = match kind {
@@ -97,7 +153,7 @@ impl MessageCodec for ArkletCodec {
                 TunnelEvent::ModuleList(list.iter().map(WireSimpleBiz::to_model).collect())
             }
             UpTopic::Biz => {
-                let resp: WireLegacyBizResponse = fresh(parse(payload)?, kind, now_ms)?;
+                let resp: WireBizInfoResponse = fresh(parse(payload)?, kind, now_ms)?;
                 if !resp.code.eq_ignore_ascii_case("SUCCESS") {
                     return Err(DecodeError::Ignored(format!("biz code {:?}", resp.code)));
                 }
@@ -128,6 +184,13 @@ impl MessageCodec for ArkletCodec {
         };
         let (suffix, payload) = match cmd {
             BaseCommand::Install(spec) => (down::INSTALL_BIZ, json(&WireInstallBiz::from(spec))),
+            BaseCommand::Reinstall(spec) => (
+                down::INSTALL_BIZ,
+                json(&WireInstallBiz {
+                    install_strategy: Some(UNINSTALL_THEN_INSTALL.into()),
+                    ..WireInstallBiz::from(spec)
+                }),
+            ),
             BaseCommand::Uninstall(key) => (
                 down::UNINSTALL_BIZ,
                 json(&WireUninstallBiz {

@@ -4,6 +4,8 @@
 
 pub mod arklet_codec;
 pub mod codec;
+#[cfg(test)]
+mod fixtures;
 pub mod http;
 pub mod mqtt;
 

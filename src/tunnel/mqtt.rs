@@ -43,6 +43,8 @@ pub struct MqttSettings {
     pub client_key_path: Option<std::path::PathBuf>,
     /// Keep-alive interval.
     pub keep_alive: Duration,
+    /// TLS without verifying the broker's certificate (`MQTT_TLS_INSECURE_SKIP_VERIFY`).
+    pub insecure_skip_verify: bool,
 }
 
 struct Shared {
@@ -398,7 +400,13 @@ fn mqtt_options(s: &MqttSettings) -> Result<MqttOptions, TunnelError> {
     if let Some(u) = &s.username {
         o.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
     }
-    if let Some(ca) = &s.ca_path {
+    if s.insecure_skip_verify {
+        tracing::warn!("MQTT_TLS_INSECURE_SKIP_VERIFY: the broker's certificate is not verified");
+        o.set_transport(Transport::tls_with_config(insecure_tls_config(
+            s.client_cert_path.as_deref(),
+            s.client_key_path.as_deref(),
+        )?));
+    } else if let Some(ca) = &s.ca_path {
         o.set_transport(Transport::tls_with_config(tls_config(
             ca,
             s.client_cert_path.as_deref(),
@@ -408,22 +416,98 @@ fn mqtt_options(s: &MqttSettings) -> Result<MqttOptions, TunnelError> {
     Ok(o)
 }
 
+fn read_file(p: &std::path::Path) -> Result<Vec<u8>, TunnelError> {
+    std::fs::read(p).map_err(|e| TunnelError::Config(format!("reading {}: {e}", p.display())))
+}
+
 fn tls_config(
     ca: &std::path::Path,
     cert: Option<&std::path::Path>,
     key: Option<&std::path::Path>,
 ) -> Result<rumqttc::TlsConfiguration, TunnelError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| TunnelError::Config(format!("reading {}: {e}", p.display())))
-    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
+    for c in rustls_pemfile::certs(&mut read_file(ca)?.as_slice()) {
         let c = c.map_err(|e| TunnelError::Config(format!("CA {}: {e}", ca.display())))?;
         roots
             .add(c)
             .map_err(|e| TunnelError::Config(format!("CA {}: {e}", ca.display())))?;
     }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    client_auth(
+        rustls::ClientConfig::builder().with_root_certificates(roots),
+        cert,
+        key,
+    )
+}
+
+/// TLS that accepts any broker certificate (the handshake signatures are still checked).
+fn insecure_tls_config(
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<rumqttc::TlsConfiguration, TunnelError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TunnelError::Config(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)));
+    client_auth(builder, cert, key)
+}
+
+/// Accepts every server certificate; verifies handshake signatures with the provider.
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn client_auth(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<rumqttc::TlsConfiguration, TunnelError> {
+    let read = read_file;
     let config = match (cert, key) {
         (Some(cert), Some(key)) => {
             let chain = rustls_pemfile::certs(&mut read(cert)?.as_slice())

@@ -29,6 +29,11 @@ pub const NODE_ENV_TAINT: &str = "schedule.koupleless.io/node-env";
 /// Label naming the tunnel (or tunnel adapter) a VNode's base speaks.
 pub const TUNNEL_LABEL: &str = "vnode.koupleless.io/tunnel";
 
+/// Annotation of a VNode recording the package URL each of its modules was installed from
+/// (`{"name@version": url}`): bases do not report it, and a restarted controller needs it to
+/// tell an in-place replacement from an installed module.
+pub const MODULE_URLS_ANNOTATION: &str = "module-controller.koupleless.io/module-urls";
+
 /// Annotation of a VNode holding its base's identity exactly as the base spells it.
 pub const IDENTITY_ANNOTATION: &str = "base.koupleless.io/identity";
 
@@ -116,6 +121,8 @@ pub struct NodeShapeInput<'a> {
     pub tunnel: &'a str,
     /// Whether to add the env taint.
     pub env_taint: bool,
+    /// The module URLs to record ([`MODULE_URLS_ANNOTATION`]), when known.
+    pub module_urls: Option<&'a str>,
 }
 
 /// Labels of a VNode.
@@ -187,10 +194,7 @@ pub fn node(i: &NodeShapeInput<'_>) -> Node {
         metadata: ObjectMeta {
             name: Some(node_name(&i.heartbeat.metadata.identity, i.env)),
             labels: Some(labels(i)),
-            annotations: Some(BTreeMap::from([(
-                IDENTITY_ANNOTATION.to_string(),
-                i.heartbeat.metadata.identity.clone(),
-            )])),
+            annotations: Some(annotations(i)),
             ..Default::default()
         },
         spec: Some(NodeSpec {
@@ -199,6 +203,18 @@ pub fn node(i: &NodeShapeInput<'_>) -> Node {
         }),
         status: None,
     }
+}
+
+/// Annotations of a VNode: the exact base identity, and the module URLs when known.
+pub fn annotations(i: &NodeShapeInput<'_>) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::from([(
+        IDENTITY_ANNOTATION.to_string(),
+        i.heartbeat.metadata.identity.clone(),
+    )]);
+    if let Some(urls) = i.module_urls.filter(|u| !u.is_empty() && *u != "{}") {
+        a.insert(MODULE_URLS_ANNOTATION.to_string(), urls.to_string());
+    }
+    a
 }
 
 /// Capacity and allocatable: memory from metaspace (skipped when unlimited or unknown),
@@ -347,6 +363,7 @@ mod tests {
             env: "dev",
             tunnel: "mqtt",
             env_taint: true,
+            module_urls: None,
         };
         let n = node(&i);
         let l = n.metadata.labels.expect("labels");
@@ -386,6 +403,7 @@ mod tests {
             env: "dev",
             tunnel: "mqtt",
             env_taint: true,
+            module_urls: None,
         };
         let t0 = crate::time::time_from_ms(0).expect("t");
         let t1 = crate::time::time_from_ms(100_000).expect("t");

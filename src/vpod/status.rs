@@ -14,6 +14,20 @@ use crate::vpod::spec::SpecError;
 pub const PENDING_INSTALL: &str = "PendingInstall";
 /// Reason shown for a pod spec that cannot be a module.
 pub const INVALID_SPEC: &str = "User.InvalidParameter";
+/// Reason while the base starts a module (reports it RESOLVED, or has not answered yet).
+pub const INSTALL_EXECUTING: &str = "Arklet.InstallModuleExecuting";
+/// Reason when a module has not started within the install deadline.
+pub const INSTALL_TIMED_OUT: &str = "Arklet.InstallModuleTimedOut";
+/// Reason when the base failed to install the module.
+pub const INSTALL_FAILED: &str = "Arklet.InstallModuleFailed";
+/// Reason when the module itself is at fault (SOFAArk's user error codes).
+pub const USER_INSTALL_FAILED: &str = "User.InstallModuleFailed";
+/// Reason of an Event when the base failed to uninstall a module.
+pub const UNINSTALL_FAILED: &str = "Arklet.UninstallBizFailed";
+/// Reason of the modules of a base that stopped sending heartbeats.
+pub const BASE_NOT_READY: &str = "ModuleController.BaseInstanceNotReady";
+/// Reason of a module a newer version took over on its base (not a failure).
+pub const DEACTIVATED: &str = "BizDeactivated";
 
 /// An explanation the controller attaches to a container that is not running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,13 +56,23 @@ pub enum ContainerView {
     },
 }
 
-/// Qualifies an Arklet error code as `<Source>.<Type>` (protocol.md, "Error codes").
+/// The catalogue reason of a failed install (protocol.md, "Error codes"): the module's own
+/// fault (SOFAArk's user error codes) is `User.InstallModuleFailed`, anything else
+/// `Arklet.InstallModuleFailed`; a code that is already two-level is kept. Never a raw
+/// `FAILED`.
 pub fn qualified_reason(code: Option<&str>) -> String {
+    // Arklet catalogue types more telling than "the install failed".
+    const SPECIFIC: [&str; 4] = [
+        "PullBizError",
+        "PullBizTimeOut",
+        "MetaspaceFull",
+        "InstallationRequirementNotMet",
+    ];
     match code.map(str::trim).filter(|c| !c.is_empty()) {
-        None => "Arklet.InstallBizFailed".into(),
         Some(c) if c.contains('.') => c.into(),
-        Some("InstallBizUserError") => "User.InstallBizUserError".into(),
-        Some(c) => format!("Arklet.{c}"),
+        Some(c) if c.to_ascii_lowercase().contains("user") => USER_INSTALL_FAILED.into(),
+        Some(c) if SPECIFIC.contains(&c) => format!("Arklet.{c}"),
+        _ => INSTALL_FAILED.into(),
     }
 }
 
@@ -93,17 +117,37 @@ fn container_status(view: &ContainerView, now: &Time) -> ContainerStatus {
                     true,
                 ),
                 Some((BizState::Broken, r)) => (
-                    waiting(
-                        &qualified_reason(r.reason.as_deref()),
-                        Some(r.message.clone().unwrap_or_else(|| "install failed".into())),
+                    match note {
+                        Some(n) => waiting(&n.reason, Some(n.message.clone())),
+                        None => waiting(
+                            &qualified_reason(r.reason.as_deref()),
+                            Some(
+                                r.message
+                                    .as_deref()
+                                    .and_then(crate::protocol::arklet::real_reason)
+                                    .unwrap_or_else(|| "the base reports the module BROKEN".into()),
+                            ),
+                        ),
+                    },
+                    false,
+                ),
+                Some((BizState::Resolved, _)) => (
+                    note_state(
+                        INSTALL_EXECUTING,
+                        format!("the base is starting {}@{}", spec.name, spec.version),
                     ),
                     false,
                 ),
-                Some((BizState::Resolved, r)) | Some((BizState::Deactivated, r)) => (
-                    match note {
-                        Some(n) => waiting(r.state.as_upper(), Some(n.message.clone())),
-                        None => waiting(r.state.as_upper(), r.message.clone()),
-                    },
+                Some((BizState::Deactivated, r)) => (
+                    note_state(
+                        DEACTIVATED,
+                        r.message.clone().unwrap_or_else(|| {
+                            format!(
+                                "{}@{} is installed but not serving (a newer version took over)",
+                                spec.name, spec.version
+                            )
+                        }),
+                    ),
                     false,
                 ),
                 Some((BizState::Stopped, r)) => (
@@ -190,7 +234,12 @@ pub fn compute(
         last_probe_time: None,
         ..Default::default()
     };
-    let ip = (!base_ip.is_empty()).then(|| base_ip.to_string());
+    // The apiserver refuses a podIP that is not an IP; a base reporting a host name (or
+    // nothing) gets pods without one rather than status writes that fail forever.
+    let ip = base_ip
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string());
     PodStatus {
         phase: Some(phase.into()),
         conditions: Some(vec![
@@ -335,6 +384,8 @@ mod tests {
         assert_eq!(s.pod_ip.as_deref(), Some("1.2.3.4"));
         let c = &s.container_statuses.as_ref().expect("cs")[0];
         assert!(c.ready && c.state.as_ref().and_then(|s| s.running.as_ref()).is_some());
+        let s = compute(&[view(None)], "base-host.local", true, &now());
+        assert_eq!(s.pod_ip, None, "not an IP: left out, never rejected");
     }
 
     #[test]
@@ -362,7 +413,7 @@ mod tests {
             .expect("st")
             .waiting
             .expect("waiting");
-        assert_eq!(w.reason.as_deref(), Some("Arklet.InstallBizFailed"));
+        assert_eq!(w.reason.as_deref(), Some("Arklet.InstallModuleFailed"));
         assert_eq!(w.message.as_deref(), Some("boom"));
     }
 
@@ -380,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn deactivated_waits_with_the_state_as_reason() {
+    fn deactivated_waits_and_is_not_a_failure() {
         let s = compute(&[view(Some(BizState::Deactivated))], "ip", true, &now());
         let w = s.container_statuses.expect("cs")[0]
             .state
@@ -388,7 +439,7 @@ mod tests {
             .expect("st")
             .waiting
             .expect("w");
-        assert_eq!(w.reason.as_deref(), Some("DEACTIVATED"));
+        assert_eq!(w.reason.as_deref(), Some(DEACTIVATED));
     }
 
     #[test]
@@ -415,8 +466,16 @@ mod tests {
         assert_eq!(qualified_reason(Some("User.Foo")), "User.Foo");
         assert_eq!(
             qualified_reason(Some("InstallBizUserError")),
-            "User.InstallBizUserError"
+            "User.InstallModuleFailed"
         );
-        assert_eq!(qualified_reason(None), "Arklet.InstallBizFailed");
+        assert_eq!(qualified_reason(None), "Arklet.InstallModuleFailed");
+        assert_eq!(
+            qualified_reason(Some("FAILED")),
+            "Arklet.InstallModuleFailed"
+        );
+        assert_eq!(
+            qualified_reason(Some("InstallBizFailed")),
+            "Arklet.InstallModuleFailed"
+        );
     }
 }

@@ -8,6 +8,11 @@
 //! of an installed identity is `REPEAT_BIZ`, and `base/baseline` is answered with one
 //! `batchInstallBizResponse`.
 //!
+//! Scenarios: lifecycle (install, scale down, silence, graceful shutdown), a start failure's real
+//! reason, a 60 s module start, the install timeout, a conflict answer, in-place replacement
+//! (pod image patch, image-only rollout), a base returning after eviction, a peer Deployment's
+//! modules in a new base's baseline, invalid module specs.
+//!
 //! `slow_module_start_*` takes a little over a minute by design (a 60 s module start).
 
 mod common;
@@ -535,6 +540,60 @@ async fn slow_module_start_is_one_install_and_never_a_failure_mqtt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_module_start_is_one_install_and_never_a_failure_http() {
     slow_start(Tunnel::Http).await;
+}
+
+/// Past `MODULE_INSTALL_TIMEOUT_SECS` a module still starting says so (and the base keeps
+/// starting it: it becomes Ready when it has started, with no second install).
+async fn install_timeout(tunnel: Tunnel) {
+    let mut env = TestEnv::new(&format!("ark-tout-{}", tunnel.name())).await;
+    let mut settings = env.settings();
+    settings.install_timeout = Duration::from_secs(4);
+    env.start_controller_with(settings).await;
+    let base = env.base(tunnel, "o1").await;
+    let (m, v) = ("latebiz", "1.0.0");
+    base.set_install_time_of(m, Duration::from_secs(20));
+    env.wait_node_ready("o1", T).await;
+    env.apply_deployment(&env.module_deployment(m, m, v, 1))
+        .await;
+    let (pod, message) = eventually(T, "Arklet.InstallModuleTimedOut", || async {
+        let p = env.app_pods(m).await.into_iter().next()?;
+        let (reason, message) = waiting(&p)?;
+        (reason == "Arklet.InstallModuleTimedOut").then_some((p, message))
+    })
+    .await;
+    assert!(!message.is_empty(), "the reason comes with a message");
+    assert_eq!(
+        base.module(m, v).map(|b| b.state),
+        Some(BizState::Resolved),
+        "shown while the base is still starting it"
+    );
+    let name = pod.metadata.name.clone().expect("name");
+    eventually(T, "Event Arklet.InstallModuleTimedOut", || async {
+        pod_events(&env.client, &env.ns, &name)
+            .await
+            .into_iter()
+            .any(|(r, _)| r == "Arklet.InstallModuleTimedOut")
+            .then_some(())
+    })
+    .await;
+    let pods = env.wait_ready_pods(m, 1, T).await;
+    assert_eq!(pods[0].metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(
+        installs(&base, m),
+        vec![v.to_string()],
+        "one installBiz: a late module is not sent again"
+    );
+    env.stop_controller().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_past_its_timeout_is_reported_then_ready_mqtt() {
+    install_timeout(Tunnel::Mqtt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_past_its_timeout_is_reported_then_ready_http() {
+    install_timeout(Tunnel::Http).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -526,6 +526,15 @@ async fn slow_start(tunnel: Tunnel) {
         .filter(|(_, r, _)| is_failure(r))
         .collect();
     assert!(events.is_empty(), "failure Events: {events:?}");
+    // Only real changes are written, never a clock: a minute of "still starting" is one status
+    // (pending install, executing, Ready: a few writes, not one per second).
+    let waiting_writes = seen.all();
+    assert!(
+        waiting_writes.len() <= 6,
+        "the pod's status was rewritten {} times while the module started: {:?}",
+        waiting_writes.len(),
+        &waiting_writes[..waiting_writes.len().min(6)]
+    );
     env.stop_controller().await;
 }
 

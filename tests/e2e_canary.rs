@@ -7,12 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arklet_double::{Base, Command};
 use common::{TestEnv, eventually};
 use kube::api::{Patch, PatchParams};
-use module_controller::model::BaseCommand;
 use module_controller::plugin::{PluginConfig, PluginHost, PluginPolicies};
 use serde_json::json;
-use testkit::sim::SimBase;
 
 const T: Duration = Duration::from_secs(120);
 const MODULE: &str = "canarybiz";
@@ -57,12 +56,12 @@ fn deployment(
 }
 
 /// When each base received `installBiz` for `version` (ms), sorted.
-fn install_times(bases: &[SimBase], version: &str) -> Vec<i64> {
+fn install_times(bases: &[Base], version: &str) -> Vec<i64> {
     let mut t: Vec<i64> = bases
         .iter()
-        .flat_map(|b| b.commands())
-        .filter_map(|c| match c.command {
-            BaseCommand::Install(s) if s.name == MODULE && s.version == version => Some(c.at_ms),
+        .flat_map(|b| b.installs_of(MODULE))
+        .filter_map(|r| match r.command {
+            Command::Install { version: v, .. } if v == version => Some(r.at_ms as i64),
             _ => None,
         })
         .collect();
@@ -84,7 +83,7 @@ fn batches(times: &[i64], gap_ms: i64) -> Vec<usize> {
     out
 }
 
-fn active_on(bases: &[SimBase], version: &str) -> usize {
+fn active_on(bases: &[Base], version: &str) -> usize {
     bases
         .iter()
         .filter(|b| {
@@ -124,7 +123,7 @@ async fn canary_then_approval_then_waves() {
     let mut bases = Vec::new();
     for i in 0..4 {
         let b = env.mqtt_base(&format!("c{i}")).await;
-        b.set_install_latency(Duration::from_millis(500));
+        b.set_install_time(Duration::from_millis(500));
         bases.push(b);
     }
     env.apply_deployment(&deployment(&env, "1.0.0", false))

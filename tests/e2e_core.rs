@@ -1,6 +1,7 @@
 //! End-to-end tests of the controller core (issue 3) against a real kube-apiserver, scheduler
-//! and controller-manager, a real mosquitto broker, and simulated bases speaking the Arklet
-//! protocol.
+//! and controller-manager, a real mosquitto broker, and bases played by the independent Arklet
+//! double (`arklet_double`). Install failures and invalid specs are covered, over both tunnels,
+//! in `e2e_arklet.rs`.
 
 mod common;
 
@@ -8,38 +9,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestEnv, eventually, pod_events};
+use arklet_double::BizId;
+use common::{TestEnv, eventually, installs, uninstalls};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher;
-use module_controller::model::{BaseCommand, ModuleKey};
 use module_controller::vpod::status::is_ready;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-use testkit::sim::SimBase;
 
 const T: Duration = Duration::from_secs(60);
-
-fn installs(b: &SimBase, module: &str) -> Vec<String> {
-    b.commands()
-        .into_iter()
-        .filter_map(|c| match c.command {
-            BaseCommand::Install(s) if s.name == module => Some(s.version),
-            _ => None,
-        })
-        .collect()
-}
-
-fn uninstalls(b: &SimBase, module: &str) -> Vec<String> {
-    b.commands()
-        .into_iter()
-        .filter_map(|c| match c.command {
-            BaseCommand::Uninstall(k) if k.name == module => Some(k.version),
-            _ => None,
-        })
-        .collect()
-}
 
 async fn lease_renew_time(env: &TestEnv, id: &str) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), "kube-node-lease");
@@ -149,7 +129,7 @@ async fn deployment_installs_modules_and_scale_down_uninstalls_them() {
         assert!(node.starts_with("vnode."), "bound to a VNode: {node}");
         assert!(st.pod_ip.is_some(), "podIP is the base IP");
     }
-    let key = ModuleKey::new("biz1", "0.0.1");
+    let key = BizId::new("biz1", "0.0.1");
     let total_installs: usize = [&b1, &b2].iter().map(|b| installs(b, "biz1").len()).sum();
     assert!(total_installs >= 2, "install commands on the wire");
     let on_nodes: std::collections::BTreeSet<String> = pods
@@ -192,93 +172,6 @@ async fn deployment_installs_modules_and_scale_down_uninstalls_them() {
             b.active_modules().contains(&key)
         );
     }
-    env.stop_controller().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn install_failures_and_invalid_specs_are_visible_on_the_pod() {
-    let mut env = TestEnv::new("failure").await;
-    env.start_controller().await;
-    let base = env.mqtt_base("f1").await;
-    base.fail_installs("badbiz", "InstallBizFailed", "jar not found at URL");
-    env.wait_node_ready("f1", T).await;
-    env.apply_deployment(&env.module_deployment("badbiz", "badbiz", "1.0.0", 1))
-        .await;
-    let (pod, reason, message) = eventually(T, "failure reason on the container", || async {
-        let pods = env.app_pods("badbiz").await;
-        let p = pods.into_iter().next()?;
-        let w = p
-            .status
-            .as_ref()?
-            .container_statuses
-            .as_ref()?
-            .first()?
-            .state
-            .as_ref()?
-            .waiting
-            .clone()?;
-        (w.reason.as_deref() == Some("Arklet.InstallBizFailed")).then(|| {
-            (
-                p.metadata.name.clone().unwrap_or_default(),
-                w.reason.unwrap_or_default(),
-                w.message.unwrap_or_default(),
-            )
-        })
-    })
-    .await;
-    assert_eq!(reason, "Arklet.InstallBizFailed");
-    assert_eq!(message, "jar not found at URL");
-    let pods = env.app_pods("badbiz").await;
-    assert!(!is_ready(pods[0].status.as_ref()));
-    eventually(T, "Warning Event on the pod", || async {
-        pod_events(&env.client, &env.ns, &pod)
-            .await
-            .into_iter()
-            .find(|(r, n)| r == "ArkletInstallBizFailed" && n.contains("jar not found"))
-            .map(|_| ())
-    })
-    .await;
-
-    // A container without BIZ_VERSION gets a clear reason and an Event, not silence.
-    let mut bad = env.module_deployment("nover", "nover", "1.0.0", 1);
-    if let Some(c) = bad
-        .spec
-        .as_mut()
-        .and_then(|s| s.template.spec.as_mut())
-        .and_then(|s| s.containers.first_mut())
-    {
-        c.env = None;
-    }
-    env.apply_deployment(&bad).await;
-    let pod = eventually(T, "invalid spec reason", || async {
-        let p = env.app_pods("nover").await.into_iter().next()?;
-        let w = p
-            .status
-            .as_ref()?
-            .container_statuses
-            .as_ref()?
-            .first()?
-            .state
-            .as_ref()?
-            .waiting
-            .clone()?;
-        (w.reason.as_deref() == Some("User.InvalidParameter")
-            && w.message.as_deref().unwrap_or("").contains("BIZ_VERSION"))
-        .then(|| p.metadata.name.clone().unwrap_or_default())
-    })
-    .await;
-    eventually(T, "Event for the invalid spec", || async {
-        pod_events(&env.client, &env.ns, &pod)
-            .await
-            .into_iter()
-            .find(|(r, _)| r == "UserInvalidParameter")
-            .map(|_| ())
-    })
-    .await;
-    assert!(
-        installs(&base, "nover").is_empty(),
-        "an invalid module is never sent to the base"
-    );
     env.stop_controller().await;
 }
 
@@ -351,7 +244,7 @@ async fn broker_restart_loses_and_duplicates_nothing() {
     }
     env.scale("biz", 2).await;
     let pods = env.wait_ready_pods("biz", 2, T).await;
-    let key = ModuleKey::new("biz", "2.0.0");
+    let key = BizId::new("biz", "2.0.0");
     let nodes: std::collections::BTreeSet<String> = pods
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
@@ -388,7 +281,7 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
     let (client, mut el) = AsyncClient::new(opts, 4096);
     let pump = tokio::spawn(async move { while el.poll().await.is_ok() {} });
     let p = |t: &str| format!("koupleless_{}/x1/{t}", env.env);
-    let old = module_controller::protocol::arklet::now_ms() - 60_000;
+    let old = arklet_double::now_ms() - 60_000;
     for i in 0..200 {
         client
             .publish(
@@ -421,7 +314,7 @@ async fn malformed_stale_and_foreign_messages_are_dropped_and_counted() {
         let ghost = format!("koupleless_{}/ghost/base/simpleBiz", env.env);
         let body = format!(
             r#"{{"publishTimestamp":{},"data":[]}}"#,
-            module_controller::protocol::arklet::now_ms()
+            arklet_double::now_ms()
         );
         client
             .publish(ghost, QoS::AtLeastOnce, false, body)
@@ -525,7 +418,7 @@ async fn pods_move_off_silent_and_drained_bases() {
     assert!(
         bases[idx(&second)]
             .active_modules()
-            .contains(&ModuleKey::new("mover", "1.0.0"))
+            .contains(&BizId::new("mover", "1.0.0"))
     );
 
     // Graceful shutdown: drained at once, the pod moves again, the VNode is gone.
@@ -545,7 +438,7 @@ async fn pods_move_off_silent_and_drained_bases() {
     assert!(
         bases[idx(&third)]
             .active_modules()
-            .contains(&ModuleKey::new("mover", "1.0.0"))
+            .contains(&BizId::new("mover", "1.0.0"))
     );
     env.stop_controller().await;
 }
@@ -591,20 +484,8 @@ async fn vnode_of_a_base_that_never_returns_is_deleted_after_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_tunnel_bases_get_vnodes_and_modules() {
     let mut env = TestEnv::new("http").await;
-    let port = testkit::localenv::ports::free_port().expect("port");
-    let mut s = env.settings();
-    s.mqtt = None;
-    s.http_port = Some(port);
-    env.start_controller_with(s).await;
-    let base = testkit::sim::SimBase::start(
-        env.base_config("h1"),
-        testkit::sim::SimTransport::Http {
-            controller_url: format!("http://127.0.0.1:{port}"),
-            listen_port: 0,
-        },
-    )
-    .await
-    .expect("http base");
+    env.start_controller().await;
+    let base = env.http_base("h1").await;
     env.wait_node_ready("h1", T).await;
     let node = env.nodes().get(&env.node_name("h1")).await.expect("node");
     assert_eq!(
@@ -619,10 +500,11 @@ async fn http_tunnel_bases_get_vnodes_and_modules() {
     eventually(T, "uninstalled over HTTP", || async {
         (!base
             .active_modules()
-            .contains(&ModuleKey::new("webbiz", "3.1.0"))
+            .contains(&BizId::new("webbiz", "3.1.0"))
             && env.app_pods("webbiz").await.is_empty())
         .then_some(())
     })
     .await;
+    assert_eq!(uninstalls(&base, "webbiz"), vec!["3.1.0".to_string()]);
     env.stop_controller().await;
 }

@@ -5,12 +5,12 @@ mod common;
 
 use std::time::Duration;
 
+use arklet_double::BizId;
 use common::{TestEnv, eventually, pod_events};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use module_controller::model::ModuleKey;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -96,7 +96,12 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
     env.start_controller_as(settings, sa_client).await;
     let good = env.mqtt_base("g1").await;
     let bad = env.mqtt_base("g2").await;
-    bad.fail_installs("rbacbiz", "InstallBizFailed", "denied by test");
+    // A module whose start throws, as Arklet reports it (thrown; reason in the `Caused by:`).
+    bad.fail_installs(
+        "rbacbiz",
+        "FAILED",
+        "java.lang.SecurityException: denied by test",
+    );
     for id in ["g1", "g2"] {
         env.wait_node_ready(id, T).await;
     }
@@ -117,7 +122,7 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
                 .and_then(|c| c.state.as_ref())
                 .and_then(|s| s.waiting.as_ref())
                 .and_then(|w| w.reason.as_deref())
-                == Some("Arklet.InstallBizFailed")
+                == Some("Arklet.InstallModuleFailed")
         })?;
         (ready == 1).then(|| failing.metadata.name.clone().unwrap_or_default())
     })
@@ -125,7 +130,15 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
     eventually(
         T,
         "Event published with the ServiceAccount's rights",
-        || async { (!pod_events(&env.client, &env.ns, &failing).await.is_empty()).then_some(()) },
+        || async {
+            pod_events(&env.client, &env.ns, &failing)
+                .await
+                .into_iter()
+                .any(|(reason, note)| {
+                    reason == "Arklet.InstallModuleFailed" && note.contains("denied by test")
+                })
+                .then_some(())
+        },
     )
     .await;
     // Peer sync rescales with the ServiceAccount's rights (deployments/scale).
@@ -152,7 +165,7 @@ async fn controller_runs_with_exactly_the_rbac_of_deploy() {
     assert!(
         !good
             .active_modules()
-            .contains(&ModuleKey::new("rbacbiz", "1.0.0"))
+            .contains(&BizId::new("rbacbiz", "1.0.0"))
     );
     // Drain: node and lease deleted.
     good.shutdown_graceful().await;

@@ -1,5 +1,5 @@
 //! End-to-end tests of module placement across bases, against a real kube-apiserver, scheduler
-//! and controller-manager, a real mosquitto broker and simulated bases: peer deployments whose
+//! and controller-manager, a real mosquitto broker and Arklet double bases: peer deployments whose
 //! replicas follow the Ready bases, DaemonSet modules, and a module release that needs a base
 //! release which is not there yet.
 
@@ -8,7 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{TestEnv, eventually};
+use arklet_double::BizId;
+use common::{TestEnv, eventually, installs};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
@@ -16,23 +17,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use module_controller::apiserver::Api as Writer;
 use module_controller::apiserver::watch::WatchHealth;
 use module_controller::metrics::Metrics;
-use module_controller::model::{BaseCommand, ModuleKey};
 use module_controller::peer;
 use serde_json::json;
-use testkit::sim::SimBase;
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(90);
-
-fn installs(b: &SimBase, module: &str) -> Vec<String> {
-    b.commands()
-        .into_iter()
-        .filter_map(|c| match c.command {
-            BaseCommand::Install(s) if s.name == module => Some(s.version),
-            _ => None,
-        })
-        .collect()
-}
 
 async fn wait_vnodes_ready(env: &TestEnv, ids: &[&str]) {
     for id in ids {
@@ -171,7 +160,7 @@ async fn peer_deployment_replicas_follow_the_ready_bases() {
         nodes_of(&pods),
         BTreeSet::from([env.node_name("p1"), env.node_name("p2")])
     );
-    let key = ModuleKey::new("peerbiz", "1.0.0");
+    let key = BizId::new("peerbiz", "1.0.0");
     for b in [&b1, &b2] {
         assert!(
             b.active_modules().contains(&key),
@@ -287,7 +276,7 @@ async fn daemonset_module_runs_once_on_every_matching_base() {
     .await
     .expect("apply daemonset");
 
-    let key = ModuleKey::new("auditmod", "2.0.0");
+    let key = BizId::new("auditmod", "2.0.0");
     let pods = env.wait_ready_pods("auditmod", 2, T).await;
     assert_eq!(
         nodes_of(&pods),
@@ -400,7 +389,7 @@ async fn module_needing_a_newer_base_waits_until_that_base_is_online() {
     assert_eq!(installs(&new, "newbiz"), vec!["1.2.0".to_string()]);
     assert!(
         new.active_modules()
-            .contains(&ModuleKey::new("newbiz", "1.2.0"))
+            .contains(&BizId::new("newbiz", "1.2.0"))
     );
     for b in [&old1, &old2] {
         assert!(installs(b, "newbiz").is_empty(), "{}", b.identity());

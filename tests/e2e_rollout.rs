@@ -1,18 +1,17 @@
 //! Lossless rolling updates (issue 5), proven with the real Deployment and ReplicaSet
-//! controllers and scheduler: the simulated bases record their active modules over time and no
+//! controllers and scheduler: the bases (Arklet doubles) record their active modules over time and no
 //! base may ever be left without a running instance of the module.
 
 mod common;
 
 use std::time::Duration;
 
+use arklet_double::{Base, BizId};
 use common::{TestEnv, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
-use module_controller::model::ModuleKey;
 use module_controller::vpod::status::is_ready;
 use serde_json::json;
-use testkit::sim::SimBase;
 
 const T: Duration = Duration::from_secs(120);
 const MODULE: &str = "rollbiz";
@@ -71,7 +70,7 @@ fn rolling_deployment(
 }
 
 /// Instants (ms) at which `base` ran no instance of the module after it first ran one.
-fn empty_instants(base: &SimBase) -> Vec<i64> {
+fn empty_instants(base: &Base) -> Vec<u64> {
     let mut seen = false;
     let mut gaps = Vec::new();
     for snap in base.history() {
@@ -85,14 +84,14 @@ fn empty_instants(base: &SimBase) -> Vec<i64> {
     gaps
 }
 
-async fn start(env: &mut TestEnv, lossless: bool, n: usize) -> Vec<SimBase> {
+async fn start(env: &mut TestEnv, lossless: bool, n: usize) -> Vec<Base> {
     env.unsafe_order = !lossless;
     env.start_controller().await;
     let mut bases = Vec::new();
     for i in 0..n {
         let b = env.mqtt_base(&format!("ru{i}")).await;
         // Real installs take time; a gap between an uninstall and the next install shows.
-        b.set_install_latency(Duration::from_millis(800));
+        b.set_install_time(Duration::from_millis(800));
         bases.push(b);
     }
     for i in 0..n {
@@ -126,9 +125,9 @@ async fn wait_all_on(env: &TestEnv, version: &str, n: usize) {
 }
 
 /// Every base ends with exactly `version` installed and active (the other uninstalled).
-async fn wait_bases_only(bases: &[SimBase], version: &str) {
+async fn wait_bases_only(bases: &[Base], version: &str) {
     for b in bases {
-        let want = vec![ModuleKey::new(MODULE, version)];
+        let want = vec![BizId::new(MODULE, version)];
         let ok = b
             .wait_until(T, |b| {
                 b.active_modules() == want
@@ -201,7 +200,7 @@ async fn without_the_protections_the_same_rollout_empties_a_base() {
     let emptied: Vec<String> = bases
         .iter()
         .filter(|b| !empty_instants(b).is_empty())
-        .map(|b| b.identity())
+        .map(|b| b.identity().to_string())
         .collect();
     assert!(
         !emptied.is_empty(),
@@ -219,7 +218,7 @@ async fn rollback_mid_rollout_restores_the_old_version_without_emptying_a_base()
     wait_all_on(&env, "1.0.0", 4).await;
     wait_bases_only(&bases, "1.0.0").await;
     for b in &bases {
-        b.set_install_latency(Duration::from_millis(1500));
+        b.set_install_time(Duration::from_millis(1500));
     }
     env.apply_deployment(&rolling_deployment(&env, "2.0.0", 4, "1", "0"))
         .await;

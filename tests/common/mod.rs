@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arklet_double::{Base, BaseConfig, BizId, Command, Transport};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -19,7 +20,6 @@ use module_controller::vpod::status::is_ready;
 use serde_json::json;
 use testkit::localenv::broker::Mosquitto;
 use testkit::localenv::control_plane::ControlPlane;
-use testkit::sim::{SimBase, SimBaseConfig, SimTransport};
 
 /// Polls `f` every 200 ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -37,6 +37,72 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Which tunnel a base uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tunnel {
+    /// MQTT through this test's mosquitto.
+    Mqtt,
+    /// The HTTP tunnel: heartbeats to the controller, the controller calls the base's Arklet API.
+    Http,
+}
+
+impl Tunnel {
+    /// Lowercase name, for identities and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tunnel::Mqtt => "mqtt",
+            Tunnel::Http => "http",
+        }
+    }
+}
+
+/// Versions of every `installBiz` for module `name` the base received (executed or dropped).
+pub fn installs(b: &Base, name: &str) -> Vec<String> {
+    b.installs_of(name)
+        .into_iter()
+        .filter_map(|r| match r.command {
+            Command::Install { version, .. } => Some(version),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Versions of every `uninstallBiz` for module `name` the base received (executed or dropped).
+pub fn uninstalls(b: &Base, name: &str) -> Vec<String> {
+    b.uninstalls_of(name)
+        .into_iter()
+        .filter_map(|r| match r.command {
+            Command::Uninstall { version, .. } => Some(version),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether the base runs exactly this identity ACTIVATED.
+pub fn runs(b: &Base, name: &str, version: &str) -> bool {
+    b.active_modules().contains(&BizId::new(name, version))
+}
+
+/// The first container's waiting (reason, message), if it is waiting.
+pub fn waiting(p: &Pod) -> Option<(String, String)> {
+    let w = p
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .clone()?;
+    Some((w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+}
+
+/// The node a pod is bound to.
+pub fn node_of(p: &Pod) -> Option<String> {
+    p.spec.as_ref()?.node_name.clone()
 }
 
 /// One test's world.
@@ -57,6 +123,9 @@ pub struct TestEnv {
     pub unsafe_order: bool,
     /// The plugin pool, when `policies` come from a plugin host.
     pub pool: Option<module_controller::plugin::PluginPool>,
+    /// The HTTP tunnel port of the first controller started, reused by restarts so HTTP bases
+    /// keep reaching it.
+    pub http_port: Option<u16>,
 }
 
 impl TestEnv {
@@ -96,16 +165,19 @@ impl TestEnv {
             vnode_ttl: Duration::from_secs(600),
             unsafe_order: false,
             pool: None,
+            http_port: None,
         }
     }
 
-    /// Controller settings for fast tests: 1 s heartbeats, NotReady after 3 s of silence.
+    /// Controller settings for fast tests: 1 s heartbeats, NotReady after 3 s of silence; both
+    /// tunnels (MQTT to this test's broker, HTTP on a free port kept across restarts).
     pub fn settings(&self) -> Settings {
         let mut s = Settings::local(&self.env);
         s.client_id = format!("test-{}", self.env);
         let mut s = s
             .with_mqtt(self.broker.host(), self.broker.port())
             .with_heartbeat(Duration::from_secs(1), 3);
+        s.http_port = Some(self.http_port.unwrap_or(0));
         s.vnode_ttl = self.vnode_ttl;
         s.resync = Duration::from_secs(5);
         s.command_timeout = Duration::from_secs(3);
@@ -141,6 +213,9 @@ impl TestEnv {
         let handle = controller::start(settings, deps)
             .await
             .expect("controller starts");
+        if let Some(addr) = handle.http_addr {
+            self.http_port = Some(addr.port());
+        }
         let health = handle.health.clone();
         eventually(Duration::from_secs(30), "controller ready", || {
             let h = health.clone();
@@ -166,9 +241,10 @@ impl TestEnv {
         }
     }
 
-    /// Base config for this test (its env, its base name, 1 s heartbeats).
-    pub fn base_config(&self, id: &str) -> SimBaseConfig {
-        let mut c = SimBaseConfig::new(id);
+    /// Base config for this test (its env, its base name, 1 s heartbeats); otherwise the
+    /// double's defaults, which follow the current Arklet.
+    pub fn base_config(&self, id: &str) -> BaseConfig {
+        let mut c = BaseConfig::new(id);
         c.env = self.env.clone();
         c.name = self.base_name.clone();
         c.version = "1.0.0".into();
@@ -177,22 +253,64 @@ impl TestEnv {
         c
     }
 
-    /// Starts a simulated MQTT base.
-    pub async fn mqtt_base(&self, id: &str) -> SimBase {
+    /// The MQTT transport of this test's broker.
+    pub fn mqtt_transport(&self) -> Transport {
+        Transport::Mqtt {
+            host: self.broker.host().to_string(),
+            port: self.broker.port(),
+        }
+    }
+
+    /// The HTTP transport to this test's controller (which must be running).
+    pub fn http_transport(&self) -> Transport {
+        let port = self
+            .controller
+            .as_ref()
+            .and_then(|c| c.http_addr)
+            .map(|a| a.port())
+            .or(self.http_port)
+            .expect("the controller runs its HTTP tunnel");
+        Transport::Http {
+            controller_url: format!("http://127.0.0.1:{port}"),
+            listen_port: 0,
+        }
+    }
+
+    /// Starts an Arklet double base over MQTT.
+    pub async fn mqtt_base(&self, id: &str) -> Base {
         self.mqtt_base_with(self.base_config(id)).await
     }
 
-    /// Starts a simulated MQTT base with a custom config.
-    pub async fn mqtt_base_with(&self, cfg: SimBaseConfig) -> SimBase {
-        SimBase::start(
-            cfg,
-            SimTransport::Mqtt {
-                host: self.broker.host().to_string(),
-                port: self.broker.port(),
-            },
-        )
-        .await
-        .expect("simulated base starts")
+    /// Starts an Arklet double base over MQTT with a custom config.
+    pub async fn mqtt_base_with(&self, cfg: BaseConfig) -> Base {
+        Base::start(cfg, self.mqtt_transport())
+            .await
+            .expect("MQTT base starts")
+    }
+
+    /// Starts an Arklet double base over the HTTP tunnel.
+    pub async fn http_base(&self, id: &str) -> Base {
+        self.http_base_with(self.base_config(id)).await
+    }
+
+    /// Starts an Arklet double base over the HTTP tunnel with a custom config.
+    pub async fn http_base_with(&self, cfg: BaseConfig) -> Base {
+        Base::start(cfg, self.http_transport())
+            .await
+            .expect("HTTP base starts")
+    }
+
+    /// Starts a base over `tunnel`.
+    pub async fn base(&self, tunnel: Tunnel, id: &str) -> Base {
+        self.base_with(tunnel, self.base_config(id)).await
+    }
+
+    /// Starts a base over `tunnel` with a custom config.
+    pub async fn base_with(&self, tunnel: Tunnel, cfg: BaseConfig) -> Base {
+        match tunnel {
+            Tunnel::Mqtt => self.mqtt_base_with(cfg).await,
+            Tunnel::Http => self.http_base_with(cfg).await,
+        }
     }
 
     /// Node name of a base.

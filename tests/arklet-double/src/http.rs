@@ -261,13 +261,20 @@ async fn handle(State(ctx): State<Ctx>, method: Method, uri: Uri, body: Bytes) -
             } else {
                 let name = wire::text_field(&parsed, "bizName");
                 let version = wire::text_field(&parsed, "bizVersion");
-                let outcome = if kind == OpKind::Install {
-                    let req = wire::parse_install(&parsed);
-                    shared.run_install(&req, &ctx.token, true).await
-                } else {
-                    let run = shared.run_uninstall(name.as_deref(), version.as_deref(), &ctx.token);
-                    run.await
-                };
+                // The operation runs in its own task, as on Arklet's Netty worker thread: a
+                // caller that hangs up (e.g. a client timeout) does not cut the install short.
+                let (task_shared, token) = (ctx.shared.clone(), ctx.token.clone());
+                let (task_name, task_version) = (name.clone(), version.clone());
+                let req = wire::parse_install(&parsed);
+                let op = tokio::spawn(async move {
+                    if kind == OpKind::Install {
+                        task_shared.run_install(&req, &token, true).await
+                    } else {
+                        let (n, v) = (task_name.as_deref(), task_version.as_deref());
+                        task_shared.run_uninstall(n, v, &token).await
+                    }
+                });
+                let outcome = op.await.ok().flatten();
                 let Some(outcome) = outcome else {
                     return reply(StatusCode::SERVICE_UNAVAILABLE, String::new());
                 };

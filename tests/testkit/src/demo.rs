@@ -1,11 +1,12 @@
 //! The quick start: a private local control plane, an embedded MQTT broker, the controller and a
-//! few simulated bases; applies an example module Deployment and shows it becoming Ready.
+//! few bases (the independent Arklet double); applies an example module Deployment and shows it becoming Ready.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use arklet_double::{BaseConfig, Fleet, Transport};
 use clap::Parser;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -14,7 +15,6 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use crate::localenv::broker::EmbeddedBroker;
 use crate::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
 use crate::localenv::ports::free_port;
-use crate::sim::{SimBaseConfig, SimFleet, SimTransport};
 use module_controller::config::Settings;
 use module_controller::controller::{self, ControllerDeps};
 use module_controller::metrics::Metrics;
@@ -26,10 +26,10 @@ use module_controller::vpod::status::is_ready;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "demo",
-    about = "Quick start: local control plane, embedded MQTT broker, the controller and simulated bases"
+    about = "Quick start: local control plane, embedded MQTT broker, the controller and Arklet base doubles"
 )]
 pub struct DemoArgs {
-    /// Number of simulated bases.
+    /// Number of bases (Arklet doubles).
     #[arg(long, default_value_t = 3)]
     pub bases: usize,
     /// Module Deployment to apply (YAML).
@@ -182,24 +182,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let mut template = SimBaseConfig::new("demo-base");
+    let mut template = BaseConfig::new("demo-base");
     template.env = "dev".into();
     template.name = "base".into();
     template.version = "1.0.0".into();
     template.heartbeat_interval = Duration::from_secs(2);
-    template.install_latency = Duration::from_millis(300);
-    let fleet = SimFleet::start(
+    template.install_time = Duration::from_millis(300);
+    let fleet = Fleet::start(
         args.bases,
         template,
-        SimTransport::Mqtt {
+        Transport::Mqtt {
             host: "127.0.0.1".into(),
             port: broker.port(),
         },
     )
     .await
-    .context("starting simulated bases")?;
+    .context("starting the bases")?;
     println!(
-        "{} simulated bases connected; applying {}",
+        "{} bases connected; applying {}",
         args.bases,
         args.deployment.display()
     );
@@ -247,7 +247,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     }
     println!("stopping: bases shut down gracefully, then the controller and the control plane");
-    fleet.shutdown_all().await;
+    fleet.shutdown_graceful().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     handle.stop().await?;
     drop(cp);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arklet_double::{BaseConfig, Fleet, Transport};
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -22,14 +23,13 @@ use module_controller::vpod::status::is_ready;
 use serde_json::json;
 use testkit::localenv::broker::Mosquitto;
 use testkit::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
-use testkit::sim::{SimBaseConfig, SimFleet, SimTransport};
 
 #[derive(Parser)]
 struct Args {
     /// Bases (and replicas).
     #[arg(long, default_value_t = 20)]
     bases: usize,
-    /// Simulated install latency per module.
+    /// How long each module takes to start on a base (stays RESOLVED meanwhile).
     #[arg(long, default_value_t = 0)]
     install_latency_ms: u64,
 }
@@ -203,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
     let baseline = rollout(&client, "baseline", "plainbase", "dev", n).await?;
     kubelet.abort();
 
-    // Through the controller, with simulated bases over a real broker.
+    // Through the controller, with Arklet double bases over a real broker.
     let broker = Mosquitto::start().await?;
     make_ns(&client, "bench").await?;
     let mut settings = Settings::local("bench")
@@ -222,15 +222,15 @@ async fn main() -> anyhow::Result<()> {
         ),
     )
     .await?;
-    let mut template = SimBaseConfig::new("bench-base");
+    let mut template = BaseConfig::new("bench-base");
     template.env = "bench".into();
     template.name = "benchbase".into();
     template.heartbeat_interval = Duration::from_secs(2);
-    template.install_latency = Duration::from_millis(args.install_latency_ms);
-    let fleet = SimFleet::start(
+    template.install_time = Duration::from_millis(args.install_latency_ms);
+    let fleet = Fleet::start(
         n,
         template,
-        SimTransport::Mqtt {
+        Transport::Mqtt {
             host: broker.host().into(),
             port: broker.port(),
         },
@@ -268,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
         "    pod status {:.2}, pod delete {:.2}, events {:.2}",
         per_pod[0], per_pod[1], per_pod[2]
     );
-    fleet.shutdown_all().await;
+    fleet.shutdown_graceful().await;
     handle.stop().await?;
     drop(cp);
     Ok(())

@@ -247,7 +247,13 @@ impl BaseActor {
                     };
                 }
             }
-            BaseMsg::Baseline(tx) => {
+            BaseMsg::Baseline {
+                metadata,
+                reply: tx,
+            } => {
+                if self.node.heartbeat.is_none() {
+                    self.metadata = Some(metadata);
+                }
                 self.node.seen(now);
                 self.ledger.base_restarted(now);
                 if self.bound.synced {
@@ -529,6 +535,7 @@ impl BaseActor {
             orphan_grace: self.settings.orphan_grace,
             install_timeout: self.settings.install_timeout,
             uninstall_failures: &self.ledger.uninstall_failures,
+            reactivations: &self.ledger.reactivations,
         }
     }
 

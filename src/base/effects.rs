@@ -227,7 +227,15 @@ impl Effects {
                 continue;
             };
             let reason = w.reason.clone().unwrap_or_default();
-            if !REPORTED_SOURCES.iter().any(|s| reason.starts_with(s)) {
+            // Progress and a silent base are states, not problems of this pod (the VNode
+            // shows the latter).
+            let routine = [
+                crate::vpod::status::INSTALL_EXECUTING,
+                crate::vpod::status::BASE_NOT_READY,
+            ];
+            if !REPORTED_SOURCES.iter().any(|s| reason.starts_with(s))
+                || routine.contains(&reason.as_str())
+            {
                 continue;
             }
             let message = w.message.clone().unwrap_or_default();

@@ -36,6 +36,8 @@ pub struct ModuleLedger {
     pub urls: HashMap<ModuleKey, String>,
     /// Since when each module no pod asks for has been so.
     pub orphan_since: HashMap<ModuleKey, Instant>,
+    /// How often each parked version was reinstalled to activate it.
+    pub reactivations: HashMap<ModuleKey, u32>,
     urls_version: u64,
     next_query_at: Instant,
     last_query_at: Option<Instant>,
@@ -53,6 +55,7 @@ impl ModuleLedger {
             uninstall_failures: HashMap::new(),
             urls: HashMap::new(),
             orphan_since: HashMap::new(),
+            reactivations: HashMap::new(),
             urls_version: 0,
             next_query_at: now,
             last_query_at: None,
@@ -139,6 +142,7 @@ impl ModuleLedger {
             match m.state {
                 BizState::Activated => {
                     self.failures.remove(key);
+                    self.reactivations.remove(key);
                 }
                 BizState::Broken if !self.failures.contains_key(key) => {
                     let f = plan::next_failure(
@@ -317,7 +321,10 @@ impl ModuleLedger {
                 BaseCommand::Reinstall(s.clone()),
             )
         });
-        let uninstalls = plan.uninstalls.iter().map(|k| {
+        for k in &plan.reactivate {
+            *self.reactivations.entry(k.clone()).or_insert(0) += 1;
+        }
+        let uninstalls = plan.uninstalls.iter().chain(&plan.reactivate).map(|k| {
             (
                 OperationKind::Uninstall,
                 k.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::oneshot;
 
-use crate::model::{ModuleKey, ModuleSpec, TunnelEvent};
+use crate::model::{BaseMetadata, ModuleKey, ModuleSpec, TunnelEvent};
 use crate::peer::PeerTemplate;
 use crate::vpod::status::Note;
 
@@ -22,7 +22,12 @@ pub enum BaseMsg {
     /// The complete set of pods bound to this VNode (after a watch (re)list).
     PodsSynced(Vec<Arc<Pod>>),
     /// HTTP tunnel: answer a base's queryBaseline.
-    Baseline(oneshot::Sender<Vec<ModuleSpec>>),
+    Baseline {
+        /// Who the base says it is (its labels select peer Deployments before any heartbeat).
+        metadata: BaseMetadata,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<ModuleSpec>>,
+    },
     /// Owners with a rollout in progress (replaces the previous set).
     Rollouts(Arc<HashSet<String>>),
     /// Batch-policy holds for pods on this base (replaces the previous holds of those pods;

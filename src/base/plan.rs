@@ -145,6 +145,8 @@ pub struct PlanInput<'a> {
     pub install_timeout: Duration,
     /// Uninstall failures, with their backoff.
     pub uninstall_failures: &'a HashMap<ModuleKey, Failure>,
+    /// How often each parked version was reinstalled to activate it.
+    pub reactivations: &'a HashMap<ModuleKey, u32>,
 }
 
 /// What to do now.
@@ -167,7 +169,14 @@ pub struct Plan {
     pub reinstalls: Vec<(ModuleSpec, String)>,
     /// Modules on the base that no pod asks for now (the ledger dates them).
     pub orphans: Vec<ModuleKey>,
+    /// Installed-but-parked versions a pod wants again: uninstalled now, installed next.
+    pub reactivate: Vec<ModuleKey>,
 }
+
+/// A parked version is reinstalled at most this often before the controller stops trying (a
+/// base that keeps the old version active, SOFAArk's default without
+/// `activate.new.module=true`, would park the new one forever).
+pub const MAX_REACTIVATIONS: u32 = 3;
 
 /// Resend delay after `attempts` sends: timeout, 2×, 4× … capped at 16×.
 pub fn retry_delay(timeout: Duration, attempts: u32) -> Duration {
@@ -290,6 +299,22 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
             }
             if i.held.contains_key(uid) {
                 out.held_installs.push((uid.clone(), spec.clone()));
+                continue;
+            }
+            // Installed but not serving (a newer version took over; a rollback wants it back):
+            // the base answers a new install with REPEAT_BIZ, so that exact version is
+            // uninstalled first (the active version serves meanwhile) and installed again.
+            let parked = i
+                .reported
+                .and_then(|r| r.get(&key))
+                .is_some_and(|m| matches!(m.state, BizState::Deactivated | BizState::Stopped));
+            if parked {
+                let tries = i.reactivations.get(&key).copied().unwrap_or(0);
+                let slot = (OperationKind::Uninstall, key.clone());
+                if tries < MAX_REACTIVATIONS && due(i.inflight.get(&slot), i.now, i.command_timeout)
+                {
+                    out.reactivate.push(key);
+                }
                 continue;
             }
             if i.failures.get(&key).is_some_and(|f| f.retry_at > i.now) {
@@ -483,6 +508,19 @@ fn note_for(
         Some(BizState::Activated) | Some(BizState::Broken) | Some(BizState::Stopped) => {
             return None;
         }
+        Some(BizState::Deactivated)
+            if i.reactivations.get(&key).copied().unwrap_or(0) >= MAX_REACTIVATIONS =>
+        {
+            return Some(Note {
+                reason: "ModuleController.BaseInstanceInOperation".into(),
+                message: format!(
+                    "the base keeps {key} installed but not active after {MAX_REACTIVATIONS} \
+                     reinstalls: another version of {} stays active on it (SOFAArk activates \
+                     a new version only with activate.new.module=true)",
+                    key.name
+                ),
+            });
+        }
         Some(BizState::Deactivated) => return None,
         _ => {}
     }
@@ -502,9 +540,7 @@ fn note_for(
         Note {
             reason: status::INSTALL_TIMED_OUT.into(),
             message: format!(
-                "{key} has not started on the base after {} s (deadline {} s); the base is still \
-                 asked to run it",
-                elapsed.as_secs(),
+                "{key} has not started on the base within {} s; the base is still asked to run it",
                 i.install_timeout.as_secs()
             ),
         }
@@ -597,6 +633,7 @@ mod tests {
         wanted: HashSet<ModuleKey>,
         orphan_since: HashMap<ModuleKey, Instant>,
         uninstall_failures: HashMap<ModuleKey, Failure>,
+        reactivations: HashMap<ModuleKey, u32>,
     }
 
     impl Fx {
@@ -616,6 +653,7 @@ mod tests {
                 wanted: HashSet::new(),
                 orphan_since: HashMap::new(),
                 uninstall_failures: HashMap::new(),
+                reactivations: HashMap::new(),
             }
         }
         fn plan(&self, alive: bool, synced: bool) -> Plan {
@@ -641,6 +679,7 @@ mod tests {
                 orphan_grace: Duration::from_secs(60),
                 install_timeout: Duration::from_secs(300),
                 uninstall_failures: &self.uninstall_failures,
+                reactivations: &self.reactivations,
             })
         }
 
@@ -748,6 +787,33 @@ mod tests {
         assert_eq!(
             fx.plan(true, true).uninstalls,
             vec![ModuleKey::new("m", "9")]
+        );
+    }
+
+    #[test]
+    fn a_rollback_to_a_parked_version_reinstalls_it_a_few_times_at_most() {
+        // v2 took over from v1 on this base; the rollback's v1 pod is now the newest.
+        let mut fx = Fx::new(
+            vec![pod("new", 1, "2", false), pod("back", 2, "1", false)],
+            Some(reported(&[
+                ("1", BizState::Deactivated),
+                ("2", BizState::Activated),
+            ])),
+        );
+        let p = fx.plan(true, true);
+        assert!(
+            p.installs.is_empty(),
+            "an install would only get REPEAT_BIZ"
+        );
+        assert_eq!(p.reactivate, vec![ModuleKey::new("m", "1")]);
+        assert!(p.uninstalls.is_empty(), "v2 serves meanwhile");
+        fx.reactivations
+            .insert(ModuleKey::new("m", "1"), MAX_REACTIVATIONS);
+        let p = fx.plan(true, true);
+        assert!(p.reactivate.is_empty());
+        assert_eq!(
+            note(&fx, "back").map(|n| n.reason),
+            Some("ModuleController.BaseInstanceInOperation".to_string())
         );
     }
 

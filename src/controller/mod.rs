@@ -682,7 +682,13 @@ impl Loop {
                 return;
             }
         }
-        self.tasks.send(&node, BaseMsg::Baseline(req.reply));
+        self.tasks.send(
+            &node,
+            BaseMsg::Baseline {
+                metadata: req.metadata,
+                reply: req.reply,
+            },
+        );
     }
 }
 

@@ -162,3 +162,51 @@ where
     });
     rx
 }
+
+/// Watches that stall without an error (a frozen apiserver keeps its connections open) look
+/// healthy; this probe asks the apiserver for its version every `every` and reports it as
+/// the `apiserver` entry of `health`.
+pub fn spawn_probe(
+    client: kube::Client,
+    health: WatchHealth,
+    every: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    health.set("apiserver", WatchState::Synced);
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let answer = tokio::time::timeout(every, client.apiserver_version()).await;
+            match answer {
+                Ok(Ok(_)) => {
+                    if failing {
+                        info!("apiserver reachable again");
+                        failing = false;
+                    }
+                    health.set("apiserver", WatchState::Synced);
+                }
+                Ok(Err(e)) => {
+                    if !failing {
+                        warn!(error = %e, "apiserver unreachable");
+                        failing = true;
+                    }
+                    health.set("apiserver", WatchState::Failing(e.to_string()));
+                }
+                Err(_) => {
+                    if !failing {
+                        warn!("apiserver not answering");
+                        failing = true;
+                    }
+                    health.set(
+                        "apiserver",
+                        WatchState::Failing(format!("no answer within {} s", every.as_secs())),
+                    );
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}

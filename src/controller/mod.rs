@@ -59,6 +59,8 @@ const TICK: Duration = Duration::from_millis(500);
 const BASELINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest an Arklet HTTP list or health call may take.
 const HTTP_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the apiserver is asked whether it answers (for `/readyz`).
+const APISERVER_PROBE: Duration = Duration::from_secs(5);
 /// Events from all tunnels waiting for the loop.
 const EVENT_QUEUE: usize = 8192;
 
@@ -285,6 +287,12 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
     }
 
     let health = Health::default();
+    watches::spawn_probe(
+        deps.client.clone(),
+        health.watches.clone(),
+        APISERVER_PROBE,
+        cancel.child_token(),
+    );
     if settings.replicas_sync {
         info!("peer deployments follow their Ready bases (ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE)");
         tokio::spawn(crate::peer::run(

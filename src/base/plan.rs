@@ -545,12 +545,10 @@ fn note_for(
             ),
         }
     } else {
+        // No clock in the message: a status that changes every second is written every second.
         Note {
             reason: status::INSTALL_EXECUTING.into(),
-            message: format!(
-                "the base is installing {key} ({} s so far)",
-                elapsed.as_secs()
-            ),
+            message: format!("the base is installing {key}"),
         }
     })
 }
@@ -725,6 +723,25 @@ mod tests {
             reason: w.reason?,
             message: w.message.unwrap_or_default(),
         })
+    }
+
+    #[test]
+    fn an_install_in_progress_is_written_once_however_long_it_takes() {
+        let mut fx = Fx::new(
+            vec![pod("a", 1, "1", false)],
+            Some(reported(&[("1", BizState::Resolved)])),
+        );
+        let start = fx.now;
+        fx.sent(OperationKind::Install, spec("1").key(), start, 1);
+        let (_, first) = fx.plan(true, true).statuses.remove(0);
+        if let Some(p) = fx.pods.get_mut("a") {
+            p.status = Some(first);
+        }
+        fx.now = start + Duration::from_secs(42);
+        assert!(
+            fx.plan(true, true).statuses.is_empty(),
+            "nothing changed but the clock"
+        );
     }
 
     #[test]

@@ -422,8 +422,10 @@ impl Shards {
                 )));
             }
         }
-        // Hand a surplus base over, one at a time: stop driving it now, release it next tick.
-        if mine > fair
+        // Hand a surplus base over, one at a time (stop driving it now, release it), while this
+        // replica carries two more than the least-loaded one.
+        let least = loads.values().copied().min().unwrap_or(0);
+        if mine >= least + 2
             && replicas > 1
             && self
                 .last_release

@@ -164,7 +164,7 @@ fn replicas_share_the_bases_within_one() {
             );
         }
     }
-    let nodes: Vec<String> = (0..9).map(|i| format!("vnode.b{i}.dev")).collect();
+    let nodes: Vec<String> = (0..10).map(|i| format!("vnode.b{i}.dev")).collect();
     // Everyone sees every base and every Lease (as over MQTT and the Lease watch).
     let mut t = now;
     for _ in 0..200 {
@@ -226,7 +226,7 @@ fn replicas_share_the_bases_within_one() {
     let counts: Vec<usize> = shards.iter().map(|s| s.owned().len()).collect();
     assert_eq!(
         counts.iter().sum::<usize>(),
-        9,
+        10,
         "every base owned exactly once: {counts:?}"
     );
     let (min, max) = (counts.iter().min(), counts.iter().max());

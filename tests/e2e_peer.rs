@@ -87,6 +87,7 @@ impl PeerSync {
             env.env.clone(),
             metrics.peer.clone(),
             (WatchHealth::default(), metrics.watches.clone()),
+            None,
             cancel.clone(),
         ));
         PeerSync {

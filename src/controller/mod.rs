@@ -293,6 +293,11 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
         APISERVER_PROBE,
         cancel.child_token(),
     );
+    // With several replicas, the replica-wide chores run on one of them.
+    let leader = settings
+        .cluster
+        .as_ref()
+        .map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
     if settings.replicas_sync {
         info!("peer deployments follow their Ready bases (ENABLE_MODULE_REPLICAS_SYNC_WITH_BASE)");
         tokio::spawn(crate::peer::run(
@@ -300,6 +305,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
             settings.env.clone(),
             metrics.peer.clone(),
             (health.watches.clone(), metrics.watches.clone()),
+            leader.clone(),
             cancel.child_token(),
         ));
     }
@@ -392,6 +398,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
                 writer,
                 directory.clone(),
                 metrics.shards.clone(),
+                leader.clone().unwrap_or_default(),
             );
             (Some(sharing), Some(rx))
         }

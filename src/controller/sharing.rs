@@ -103,6 +103,8 @@ impl Forwarding for OwnerDirectory {
 
 /// The loop's sharing state.
 pub struct Sharing {
+    /// Whether this replica leads the replica-wide chores.
+    pub leader: Arc<std::sync::atomic::AtomicBool>,
     shards: Shards,
     writer: LeaseWriter,
     directory: Arc<OwnerDirectory>,
@@ -116,8 +118,10 @@ impl Sharing {
         writer: LeaseWriter,
         directory: Arc<OwnerDirectory>,
         metrics: ShardMetrics,
+        leader: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         Sharing {
+            leader,
             shards,
             writer,
             directory,
@@ -160,6 +164,8 @@ impl Sharing {
     pub fn tick(&mut self, tasks: &Tasks, now: Instant) {
         let out = self.shards.tick(now);
         self.apply(out, tasks);
+        self.leader
+            .store(self.shards.leads(now), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A base task started (as an observer until this replica owns the base).

@@ -65,6 +65,7 @@ pub async fn run(
     env: String,
     metrics: PeerMetrics,
     watches: (WatchHealth, WatchMetrics),
+    leader: Option<Arc<std::sync::atomic::AtomicBool>>,
     cancel: CancellationToken,
 ) {
     let node_cfg =
@@ -109,9 +110,14 @@ pub async fn run(
             }
             _ = sleep_until(deadline) => {
                 schedule.clear();
-                if synced.iter().all(|s| *s)
-                    && !sync_once(&api, &metrics, &env, &nodes, &deployments, &mut written).await
-                {
+                // With several replicas, one rescales (the others would only repeat it).
+                let leads = leader
+                    .as_ref()
+                    .is_none_or(|l| l.load(std::sync::atomic::Ordering::Relaxed));
+                let done = leads
+                    && synced.iter().all(|s| *s)
+                    && sync_once(&api, &metrics, &env, &nodes, &deployments, &mut written).await;
+                if !done {
                     schedule.retry(Instant::now() + RETRY);
                 }
             }

@@ -260,6 +260,12 @@ impl Shards {
                 >= Duration::from_secs(s.lease.duration_secs.max(1) as u64)
     }
 
+    /// Whether this replica leads the replica-wide chores (peer replica sync): the live replica
+    /// with the smallest identity.
+    pub fn leads(&self, now: Instant) -> bool {
+        !self.leaving && self.replicas(now).iter().next() == Some(&self.cfg.me)
+    }
+
     /// Live replicas (with a fresh membership Lease), this one included.
     fn replicas(&self, now: Instant) -> BTreeSet<String> {
         let mut r: BTreeSet<String> = self

@@ -13,6 +13,7 @@ pub mod config;
 pub mod controller;
 pub mod metrics;
 pub mod model;
+pub mod offload;
 pub mod peer;
 pub mod plugin;
 pub mod protocol;

@@ -78,7 +78,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 info!(plugin = %p.name, kind = ?p.kind, version = %p.version, "plugin loaded");
             }
             faults = Some(host.faults());
-            pool = Some(host.pool().clone());
+            pool =
+                Some(std::sync::Arc::new(host.pool().clone()) as module_controller::offload::Pool);
             let codecs = host.codecs();
             (Arc::new(PluginPolicies(host)), codecs)
         }

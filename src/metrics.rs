@@ -5,13 +5,13 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::apiserver::ApiMetrics;
 use crate::apiserver::watch::WatchMetrics;
 use crate::base::BaseMetrics;
-use crate::controller::ControllerMetrics;
-use crate::controller::sharing::ShardMetrics;
 use crate::peer::PeerMetrics;
 use crate::tunnel::TunnelMetrics;
 
@@ -74,5 +74,76 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Counters of the controller loop.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerMetrics {
+    /// Bases with a running task.
+    pub bases: Gauge,
+    /// Base tasks ended (drained, expired).
+    pub task_exits: Counter,
+    /// Pod watch events processed.
+    pub pod_events: Counter,
+}
+
+impl ControllerMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ControllerMetrics::default();
+        registry.register("bases", "Bases with a running task", m.bases.clone());
+        registry.register(
+            "base_actor_exits",
+            "Base tasks ended (drained, expired)",
+            m.task_exits.clone(),
+        );
+        registry.register(
+            "pod_watch_events",
+            "Pod watch events processed",
+            m.pod_events.clone(),
+        );
+        m
+    }
+}
+
+/// Counters of base sharing.
+#[derive(Clone, Debug, Default)]
+pub struct ShardMetrics {
+    /// Bases this replica drives.
+    pub owned: Gauge,
+    /// Bases taken over from another (dead or leaving) replica.
+    pub takeovers: Counter,
+    /// Bases handed over to other replicas (rebalancing, shutdown).
+    pub handovers: Counter,
+    /// Ownership Lease renewals that failed.
+    pub renewal_failures: Counter,
+}
+
+impl ShardMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ShardMetrics::default();
+        registry.register(
+            "shard_owned_bases",
+            "Bases this replica drives",
+            m.owned.clone(),
+        );
+        registry.register(
+            "shard_takeovers",
+            "Bases taken over from another replica",
+            m.takeovers.clone(),
+        );
+        registry.register(
+            "shard_handovers",
+            "Bases handed over to other replicas",
+            m.handovers.clone(),
+        );
+        registry.register(
+            "shard_lease_renewal_failures",
+            "Ownership Lease renewals that failed",
+            m.renewal_failures.clone(),
+        );
+        m
     }
 }

@@ -68,7 +68,7 @@ async fn adapter_swap_keeps_bases_and_commands() {
             host.codecs(),
             tx,
             mqtt_metrics.clone(),
-            Some(host.pool().clone()),
+            Some(std::sync::Arc::new(host.pool().clone()) as module_controller::offload::Pool),
         )
         .expect("tunnel starts"),
     );

@@ -18,7 +18,7 @@ use crate::base::backoff::WriteBackoff;
 use crate::base::node_sync::{NodeSync, NodeWrites};
 use crate::base::plan::PodInfo;
 use crate::model::BaseCommand;
-use crate::plugin::PluginPool;
+use crate::offload::{self, Pool};
 use crate::rollout::PolicySource;
 use crate::rollout::ordering::{OrderingError, StatusChange, Waves, default_waves, order_with};
 use crate::tunnel::Tunnel;
@@ -53,7 +53,7 @@ pub struct EffectsDeps {
     /// The order of status writes.
     pub order: StatusOrder,
     /// Where plugin calls run.
-    pub pool: Option<PluginPool>,
+    pub pool: Option<Pool>,
 }
 
 /// Performs what a base task decided.
@@ -65,7 +65,7 @@ pub struct Effects {
     policies: Arc<dyn PolicySource>,
     metrics: BaseMetrics,
     order: StatusOrder,
-    pool: Option<PluginPool>,
+    pool: Option<Pool>,
     /// Problems already published as Events, per pod uid (forgotten with the pod).
     reported: BTreeMap<String, HashSet<(String, String)>>,
     /// Failing writes, per object.
@@ -195,12 +195,11 @@ impl Effects {
                     None => order_with(rule.as_ref(), &changes),
                     Some(pool) => {
                         let c = changes.clone();
-                        match pool.run(move || order_with(rule.as_ref(), &c)).await {
+                        match offload::run(pool.as_ref(), move || order_with(rule.as_ref(), &c))
+                            .await
+                        {
                             Ok(r) => r,
-                            Err(e) => (
-                                default_waves(&changes),
-                                Some(OrderingError::RuleFailed(e.to_string())),
-                            ),
+                            Err(e) => (default_waves(&changes), Some(OrderingError::RuleFailed(e))),
                         }
                     }
                 };

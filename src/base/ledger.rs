@@ -148,11 +148,7 @@ impl ModuleLedger {
                     let f = plan::next_failure(
                         None,
                         m.reason.as_deref(),
-                        m.message
-                            .as_deref()
-                            .and_then(crate::protocol::arklet::real_reason)
-                            .as_deref()
-                            .unwrap_or(""),
+                        m.message.as_deref().unwrap_or(""),
                         now,
                         timeout,
                     );

@@ -495,9 +495,7 @@ fn note_for(
             // The operation's answer carries the real reason; a module list's record is often
             // empty or generic.
             let f = failure?;
-            let listed = reported
-                .and_then(|r| r.message.as_deref())
-                .and_then(crate::protocol::arklet::real_reason);
+            let listed = reported.and_then(|r| r.message.clone());
             return Some(Note {
                 reason: f.reason.clone(),
                 message: listed

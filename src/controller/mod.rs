@@ -20,9 +20,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api as KubeApi;
 use kube::runtime::watcher;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -33,7 +30,7 @@ use crate::base::{ActorSettings, BaseMsg, StatusOrder};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::model::{BaseEvent, BaseLifecycle, BaseMetadata, ModuleSpec, TunnelEvent};
-use crate::plugin::PluginPool;
+use crate::offload::{self, Pool};
 use crate::rollout::PolicySource;
 use crate::shard::writer::{LeaseWriter, Written};
 use crate::shard::{ShardSettings, Shards};
@@ -64,36 +61,6 @@ const APISERVER_PROBE: Duration = Duration::from_secs(5);
 /// Events from all tunnels waiting for the loop.
 const EVENT_QUEUE: usize = 8192;
 
-/// Counters of the controller loop.
-#[derive(Clone, Debug, Default)]
-pub struct ControllerMetrics {
-    /// Bases with a running task.
-    pub bases: Gauge,
-    /// Base tasks ended (drained, expired).
-    pub task_exits: Counter,
-    /// Pod watch events processed.
-    pub pod_events: Counter,
-}
-
-impl ControllerMetrics {
-    /// Registers the families in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = ControllerMetrics::default();
-        registry.register("bases", "Bases with a running task", m.bases.clone());
-        registry.register(
-            "base_actor_exits",
-            "Base tasks ended (drained, expired)",
-            m.task_exits.clone(),
-        );
-        registry.register(
-            "pod_watch_events",
-            "Pod watch events processed",
-            m.pod_events.clone(),
-        );
-        m
-    }
-}
-
 /// What the controller needs besides its settings.
 pub struct ControllerDeps {
     client: kube::Client,
@@ -101,7 +68,7 @@ pub struct ControllerDeps {
     codecs: watch::Receiver<CodecSet>,
     metrics: Arc<Metrics>,
     order: StatusOrder,
-    pool: Option<PluginPool>,
+    pool: Option<Pool>,
 }
 
 impl ControllerDeps {
@@ -125,7 +92,7 @@ impl ControllerDeps {
 
     /// Runs plugin calls (batch policies, ordering rules, tunnel adapters) on this pool, never
     /// on the async runtime. Without it, only built-in rules are expected and they run inline.
-    pub fn plugin_pool(mut self, pool: PluginPool) -> Self {
+    pub fn plugin_pool(mut self, pool: Pool) -> Self {
         self.pool = Some(pool);
         self
     }
@@ -472,7 +439,7 @@ struct Loop {
     index: Index,
     tasks: Tasks,
     metrics: Arc<Metrics>,
-    pool: Option<PluginPool>,
+    pool: Option<Pool>,
     gate_tx: mpsc::UnboundedSender<GateDone>,
     sharing: Option<Sharing>,
 }
@@ -512,19 +479,18 @@ impl Loop {
             // The job comes back untouched when the pool refuses it, so its state is kept.
             let slot = Arc::new(std::sync::Mutex::new(Some(job)));
             let taken = slot.clone();
-            let result = pool
-                .run(move || {
-                    let job = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    job.map(|j| j.run())
-                })
-                .await;
+            let result = offload::run(pool.as_ref(), move || {
+                let job = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+                job.map(|j| j.run())
+            })
+            .await;
             let now = Instant::now();
             let done = match result {
                 Ok(Some(done)) => done,
                 Ok(None) => GateDone::lost(owner, "evaluation job was empty", now),
                 Err(e) => match slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    Some(job) => job.not_run(&e.to_string(), now),
-                    None => GateDone::lost(owner, &e.to_string(), now),
+                    Some(job) => job.not_run(&e, now),
+                    None => GateDone::lost(owner, &e, now),
                 },
             };
             let _ = tx.send(done);

@@ -8,13 +8,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::watcher;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tracing::info;
 
 use crate::base::BaseMsg;
 use crate::controller::tasks::Tasks;
+use crate::metrics::ShardMetrics;
 use crate::shard::writer::{LeaseWriter, Written};
 use crate::shard::{ShardOut, Shards};
 use crate::tunnel::http::Forwarding;
@@ -23,47 +21,6 @@ use crate::vnode::shape;
 /// How long a leaving replica lets its tasks finish the writes they are doing before it
 /// releases their bases.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
-
-/// Counters of base sharing.
-#[derive(Clone, Debug, Default)]
-pub struct ShardMetrics {
-    /// Bases this replica drives.
-    pub owned: Gauge,
-    /// Bases taken over from another (dead or leaving) replica.
-    pub takeovers: Counter,
-    /// Bases handed over to other replicas (rebalancing, shutdown).
-    pub handovers: Counter,
-    /// Ownership Lease renewals that failed.
-    pub renewal_failures: Counter,
-}
-
-impl ShardMetrics {
-    /// Registers the families in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = ShardMetrics::default();
-        registry.register(
-            "shard_owned_bases",
-            "Bases this replica drives",
-            m.owned.clone(),
-        );
-        registry.register(
-            "shard_takeovers",
-            "Bases taken over from another replica",
-            m.takeovers.clone(),
-        );
-        registry.register(
-            "shard_handovers",
-            "Bases handed over to other replicas",
-            m.handovers.clone(),
-        );
-        registry.register(
-            "shard_lease_renewal_failures",
-            "Ownership Lease renewals that failed",
-            m.renewal_failures.clone(),
-        );
-        m
-    }
-}
 
 /// Which replica's HTTP tunnel owns each VNode (for forwarded heartbeats).
 #[derive(Debug, Default)]

@@ -9,9 +9,9 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::apiserver::Api;
 use crate::base::{ActorExit, ActorSettings, BaseActor, BaseMetrics, BaseMsg, EffectsDeps};
-use crate::controller::ControllerMetrics;
 use crate::controller::index::{Index, Out};
-use crate::plugin::PluginPool;
+use crate::metrics::ControllerMetrics;
+use crate::offload::Pool;
 use crate::rollout::PolicySource;
 use crate::tunnel::Tunnel;
 use crate::vnode::shape;
@@ -39,7 +39,7 @@ pub struct TaskDeps {
     /// Counters of the controller.
     pub metrics: ControllerMetrics,
     /// Where plugin calls run, when plugins are loaded.
-    pub pool: Option<PluginPool>,
+    pub pool: Option<Pool>,
 }
 
 /// The running base tasks, by VNode name.

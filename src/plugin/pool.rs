@@ -182,6 +182,15 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_string())
 }
 
+impl crate::offload::Offload for PluginPool {
+    fn run_job(
+        &self,
+        job: crate::offload::Job,
+    ) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.run(job).await.map_err(|e| e.to_string()) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;

@@ -368,7 +368,7 @@ impl WireSimpleBiz {
             state: BizState::parse(&self.state),
             change_time_ms: rec.change_time,
             reason: rec.reason.filter(|s| !s.is_empty()),
-            message: rec.message.filter(|s| !s.is_empty()),
+            message: rec.message.as_deref().and_then(real_reason),
         }
     }
 }
@@ -388,7 +388,7 @@ impl WireBizInfo {
             state: BizState::parse(&self.biz_state),
             change_time_ms: latest.change_time,
             reason: latest.reason.filter(|s| !s.is_empty()),
-            message: latest.message.filter(|s| !s.is_empty()),
+            message: latest.message.as_deref().and_then(real_reason),
         }
     }
 }

@@ -95,10 +95,7 @@ fn mqtt_module_lists_current_and_legacy() {
     assert_eq!(state("biz2", "1.0.0"), Some(BizState::Resolved));
     assert_eq!(state("biz3", "1.0.0"), Some(BizState::Broken));
     let broken = list.iter().find(|m| m.name == "biz3").expect("biz3");
-    let reason = broken
-        .message
-        .as_deref()
-        .and_then(crate::protocol::arklet::real_reason);
+    let reason = broken.message.clone();
     assert_eq!(
         reason.as_deref(),
         Some("org.springframework.boot.web.server.PortInUseException: Port 8080 is already in use")

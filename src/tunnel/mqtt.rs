@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::model::{BaseCommand, BaseEvent};
-use crate::plugin::PluginPool;
+use crate::offload::{self, Pool};
 use crate::protocol::arklet::now_ms;
 use crate::tunnel::codec::{CodecSet, MessageCodec};
 use crate::tunnel::{Tunnel, TunnelError, TunnelMetrics};
@@ -55,7 +55,7 @@ struct Shared {
     base_codec: Mutex<HashMap<String, String>>,
     subscribed: Mutex<BTreeSet<String>>,
     metrics: TunnelMetrics,
-    pool: Option<PluginPool>,
+    pool: Option<Pool>,
 }
 
 impl Shared {
@@ -187,15 +187,16 @@ struct PluginDecode {
 /// and a slow adapter never stalls the broker connection.
 async fn run_plugin_decoder(
     shared: Arc<Shared>,
-    pool: PluginPool,
+    pool: Pool,
     mut jobs: mpsc::Receiver<PluginDecode>,
     events: mpsc::Sender<BaseEvent>,
 ) {
     while let Some(job) = jobs.recv().await {
         let codec = job.codec.clone();
-        let decoded = pool
-            .run(move || job.codec.decode(&job.topic, &job.payload, job.received_ms))
-            .await;
+        let decoded = offload::run(pool.as_ref(), move || {
+            job.codec.decode(&job.topic, &job.payload, job.received_ms)
+        })
+        .await;
         match decoded {
             Ok(d) => shared.forward(codec.name(), d, &events),
             Err(e) => {
@@ -221,7 +222,7 @@ impl MqttTunnel {
         mut plugin_codecs: watch::Receiver<CodecSet>,
         events: mpsc::Sender<BaseEvent>,
         metrics: TunnelMetrics,
-        pool: Option<PluginPool>,
+        pool: Option<Pool>,
     ) -> Result<MqttTunnel, TunnelError> {
         let opts = mqtt_options(settings)?;
         let (client, eventloop) = AsyncClient::new(opts, 1024);
@@ -330,9 +331,9 @@ impl Tunnel for MqttTunnel {
             let encoded = match &self.shared.pool {
                 Some(pool) if !Arc::ptr_eq(&codec, &self.shared.builtin) => {
                     let (base, c) = (base_id.to_string(), cmd.clone());
-                    pool.run(move || codec.encode(&base, &c))
+                    offload::run(pool.as_ref(), move || codec.encode(&base, &c))
                         .await
-                        .map_err(|e| TunnelError::Encode(e.to_string()))?
+                        .map_err(TunnelError::Encode)?
                 }
                 _ => codec.encode(base_id, cmd),
             };

@@ -116,21 +116,20 @@ fn container_status(view: &ContainerView, now: &Time) -> ContainerStatus {
                     },
                     true,
                 ),
-                Some((BizState::Broken, r)) => (
-                    match note {
-                        Some(n) => waiting(&n.reason, Some(n.message.clone())),
-                        None => waiting(
-                            &qualified_reason(r.reason.as_deref()),
-                            Some(
-                                r.message
-                                    .as_deref()
-                                    .and_then(crate::protocol::arklet::real_reason)
-                                    .unwrap_or_else(|| "the base reports the module BROKEN".into()),
+                Some((BizState::Broken, r)) => {
+                    (
+                        match note {
+                            Some(n) => waiting(&n.reason, Some(n.message.clone())),
+                            None => waiting(
+                                &qualified_reason(r.reason.as_deref()),
+                                Some(r.message.clone().unwrap_or_else(|| {
+                                    "the base reports the module BROKEN".into()
+                                })),
                             ),
-                        ),
-                    },
-                    false,
-                ),
+                        },
+                        false,
+                    )
+                }
                 Some((BizState::Resolved, _)) => (
                     note_state(
                         INSTALL_EXECUTING,

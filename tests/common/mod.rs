@@ -208,7 +208,7 @@ impl TestEnv {
             deps = deps.unsafe_status_order();
         }
         if let Some(pool) = &self.pool {
-            deps = deps.plugin_pool(pool.clone());
+            deps = deps.plugin_pool(Arc::new(pool.clone()));
         }
         let handle = controller::start(settings, deps)
             .await

@@ -113,3 +113,51 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 pub fn sample_of(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
+
+/// A module Deployment `app` of `module@version`, one pod per base *per version* (the
+/// anti-affinity selects the `version` label, so a new-version pod may join a base that still
+/// runs the old one), as `examples/rolling-update.yaml`.
+pub fn rolling_deployment(
+    env: &super::TestEnv,
+    app: &str,
+    module: &str,
+    version: &str,
+    replicas: i32,
+    surge: i32,
+    unavailable: i32,
+) -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": app, "namespace": env.ns},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": app}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}},
+            "template": {
+                "metadata": {"labels": {"app": app, "version": version, "virtual-kubelet.koupleless.io/component": "module"}},
+                "spec": {
+                    "containers": [{
+                        "name": module,
+                        "image": format!("https://example.invalid/{module}-{version}-ark-biz.jar"),
+                        "env": [{"name": "BIZ_VERSION", "value": version}]
+                    }],
+                    "affinity": {
+                        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+                            {"key": "base.koupleless.io/name", "operator": "In", "values": [env.base_name]}
+                        ]}]}},
+                        "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                            "labelSelector": {"matchLabels": {"app": app, "version": version}},
+                            "topologyKey": "kubernetes.io/hostname"
+                        }]}
+                    },
+                    "tolerations": [
+                        {"key": "schedule.koupleless.io/virtual-node", "operator": "Equal", "value": "True", "effect": "NoExecute"},
+                        {"key": "schedule.koupleless.io/node-env", "operator": "Equal", "value": env.env, "effect": "NoExecute"}
+                    ]
+                }
+            }
+        }
+    }))
+    .expect("deployment")
+}

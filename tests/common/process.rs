@@ -106,16 +106,21 @@ impl ControllerProcess {
         }
     }
 
-    /// SIGKILL: the process dies on the spot, with commands and writes in flight.
-    pub fn kill(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.kill();
-        }
+    /// SIGKILL: the process dies on the spot, with commands and writes in flight. Returns how
+    /// it ended.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        let mut p = self.process.take().expect("the controller process runs");
+        p.kill();
+        p.try_exit_status()
+            .expect("exit status")
+            .expect("the process ended")
     }
 
     /// Starts the binary again (after [`ControllerProcess::kill`]) and waits until ready.
     pub async fn restart(&mut self) {
-        self.kill();
+        if self.process.is_some() {
+            self.kill();
+        }
         self.launch().await;
     }
 

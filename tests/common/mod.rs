@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+pub mod process;
+pub mod watch;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use module_controller::rollout::{BuiltinPolicies, PolicySource};
 use module_controller::vpod::status::is_ready;
 use serde_json::json;
 use testkit::localenv::broker::Mosquitto;
-use testkit::localenv::control_plane::ControlPlane;
+use testkit::localenv::control_plane::{ControlPlane, ControlPlaneOptions};
 
 /// Polls `f` every 200 ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -105,6 +109,45 @@ pub fn node_of(p: &Pod) -> Option<String> {
     p.spec.as_ref()?.node_name.clone()
 }
 
+/// Installs the crypto provider and the test log subscriber (once per process).
+pub fn init_test_logging() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,rumqttc=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A control plane of one test's own (to freeze it, or to load it without disturbing other
+/// tests); stopped when dropped. Declare it before the [`TestEnv`] that uses it, so that the
+/// environment's cleanup runs while it is still up.
+pub struct PrivateControlPlane(&'static ControlPlane);
+
+impl PrivateControlPlane {
+    /// Starts one with `opts`.
+    pub async fn start(opts: ControlPlaneOptions) -> PrivateControlPlane {
+        init_test_logging();
+        let cp = ControlPlane::start(opts)
+            .await
+            .expect("private control plane starts");
+        PrivateControlPlane(Box::leak(Box::new(cp)))
+    }
+
+    /// The control plane, for [`TestEnv::new_on`].
+    pub fn get(&self) -> &'static ControlPlane {
+        self.0
+    }
+}
+
+impl Drop for PrivateControlPlane {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
 /// One test's world.
 pub struct TestEnv {
     pub cp: &'static ControlPlane,
@@ -131,17 +174,17 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh namespace, env and broker; no controller yet.
     pub async fn new(name: &str) -> TestEnv {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,kube=warn,rumqttc=error".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        init_test_logging();
         let cp = ControlPlane::shared()
             .await
             .expect("local control plane starts");
+        TestEnv::new_on(name, cp).await
+    }
+
+    /// Like [`TestEnv::new`], on a given control plane (e.g. a test's private one, see
+    /// [`PrivateControlPlane`]).
+    pub async fn new_on(name: &str, cp: &'static ControlPlane) -> TestEnv {
+        init_test_logging();
         let client = cp.client().await.expect("client");
         let broker = Mosquitto::start().await.expect("mosquitto starts");
         let ns = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
@@ -198,6 +241,23 @@ impl TestEnv {
 
     /// Starts the controller with explicit settings and its own client (e.g. other credentials).
     pub async fn start_controller_as(&mut self, settings: Settings, client: kube::Client) {
+        self.launch_controller(settings, client).await;
+        let health = self
+            .controller
+            .as_ref()
+            .expect("controller running")
+            .health
+            .clone();
+        eventually(Duration::from_secs(30), "controller ready", || {
+            let h = health.clone();
+            async move { h.is_ready().then_some(()) }
+        })
+        .await;
+    }
+
+    /// Starts the controller without waiting until it is ready (e.g. when a watch is expected
+    /// to fail).
+    pub async fn launch_controller(&mut self, settings: Settings, client: kube::Client) {
         let mut deps = ControllerDeps::new(
             client,
             self.policies.clone(),
@@ -216,13 +276,21 @@ impl TestEnv {
         if let Some(addr) = handle.http_addr {
             self.http_port = Some(addr.port());
         }
-        let health = handle.health.clone();
-        eventually(Duration::from_secs(30), "controller ready", || {
-            let h = health.clone();
-            async move { h.is_ready().then_some(()) }
-        })
-        .await;
         self.controller = Some(handle);
+    }
+
+    /// Serves the running controller's `/metrics` and `/readyz` on a free loopback port, as the
+    /// binary does on `METRICS_ADDR`; returns the base URL.
+    pub async fn serve_endpoint(&self) -> String {
+        let h = self.controller.as_ref().expect("controller running");
+        let addr = module_controller::server::serve(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            h.metrics.clone(),
+            h.health.clone(),
+        )
+        .await
+        .expect("metrics endpoint");
+        format!("http://{addr}")
     }
 
     /// The running controller's metrics.

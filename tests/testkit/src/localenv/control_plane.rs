@@ -227,6 +227,37 @@ impl ControlPlane {
         self.owned().shutdown();
     }
 
+    /// Stops every process and removes the temp dir, like [`ControlPlane::stop`], through a
+    /// shared reference (for a control plane kept in a `'static`, e.g. a test's private one).
+    pub fn shutdown(&self) {
+        self.owned().shutdown();
+    }
+
+    /// Freezes the kube-apiserver (SIGSTOP): connections stay open and new ones are accepted
+    /// by the kernel, but no request is answered, as with a hung or overloaded apiserver. The
+    /// other components keep running. Thawed by [`ControlPlane::thaw_apiserver`] or when the
+    /// returned guard drops (so a failing test never leaves it frozen).
+    pub fn freeze_apiserver(&self) -> anyhow::Result<ApiserverFrozen<'_>> {
+        let mut owned = self.owned();
+        let apiserver = owned
+            .find_mut("kube-apiserver")
+            .ok_or_else(|| anyhow!("this control plane runs no kube-apiserver of its own"))?;
+        if !apiserver.is_running() {
+            bail!("kube-apiserver is not running");
+        }
+        apiserver.pause();
+        tracing::info!(pid = apiserver.pid(), "kube-apiserver frozen (SIGSTOP)");
+        Ok(ApiserverFrozen { cp: self })
+    }
+
+    /// Lets a frozen kube-apiserver run again (SIGCONT). Harmless when it is not frozen.
+    pub fn thaw_apiserver(&self) {
+        if let Some(apiserver) = self.owned().find_mut("kube-apiserver") {
+            apiserver.resume();
+            tracing::info!(pid = apiserver.pid(), "kube-apiserver thawed (SIGCONT)");
+        }
+    }
+
     fn owned(&self) -> MutexGuard<'_, Owned> {
         // Poisoning only means another thread panicked while holding the lock; the process
         // list is still accurate and must still be stopped.
@@ -259,6 +290,26 @@ impl ControlPlane {
             kubeconfig_path,
             api_url,
         })
+    }
+}
+
+/// A frozen kube-apiserver; thawed when dropped.
+#[derive(Debug)]
+#[must_use = "the apiserver is thawed when the guard drops"]
+pub struct ApiserverFrozen<'a> {
+    cp: &'a ControlPlane,
+}
+
+impl ApiserverFrozen<'_> {
+    /// Thaws the apiserver now.
+    pub fn thaw(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ApiserverFrozen<'_> {
+    fn drop(&mut self) {
+        self.cp.thaw_apiserver();
     }
 }
 

@@ -166,6 +166,8 @@ impl ManagedProcess {
     pub fn terminate(&mut self) {
         if self.is_running() {
             self.send_signal(libc::SIGTERM);
+            // A paused (SIGSTOPped) process acts on SIGTERM only once it runs again.
+            self.send_signal(libc::SIGCONT);
         }
     }
 
@@ -203,6 +205,40 @@ impl ManagedProcess {
     /// Stops the process with [`DEFAULT_STOP_GRACE`]. Idempotent.
     pub fn stop(&mut self) {
         self.stop_with_grace(DEFAULT_STOP_GRACE);
+    }
+
+    /// Crashes the process: SIGKILL (no chance to clean up, as with an OOM kill or a node
+    /// failure), then reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.exit_status.is_none() {
+                if let Err(error) = child.kill() {
+                    tracing::warn!(process = %self.name, pid = self.pid, %error, "SIGKILL failed");
+                }
+                match child.wait() {
+                    Ok(status) => self.exit_status = Some(status),
+                    Err(error) => {
+                        tracing::warn!(process = %self.name, pid = self.pid, %error, "reaping failed")
+                    }
+                }
+            }
+            tracing::info!(process = %self.name, pid = self.pid, status = ?self.exit_status, "process killed");
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): its sockets stay open and connections are still
+    /// accepted by the kernel, but nothing answers, as with a hung server.
+    pub fn pause(&mut self) {
+        if self.is_running() {
+            self.send_signal(libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused process run again (SIGCONT). Harmless on a running process.
+    pub fn resume(&mut self) {
+        if self.is_running() {
+            self.send_signal(libc::SIGCONT);
+        }
     }
 
     /// The last `lines` lines of the process's log, for error messages.
@@ -306,6 +342,46 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(!pid_exists(pid), "pid {pid} survived SIGKILL");
         assert!(!proc.is_running());
+    }
+
+    #[test]
+    fn kill_is_abrupt_and_pause_freezes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("ticker.log");
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "trap 'echo got-term; exit 0' TERM; while true; do echo tick; sleep 0.05; done",
+        ]);
+        let mut proc = ManagedProcess::spawn("ticker", cmd, &log).expect("spawn sh");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !proc.log_tail(1).contains("tick") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        proc.pause();
+        thread::sleep(Duration::from_millis(200));
+        let frozen = std::fs::read_to_string(&log).expect("log").len();
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            std::fs::read_to_string(&log).expect("log").len(),
+            frozen,
+            "a paused process wrote on"
+        );
+        proc.resume();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&log).expect("log").len() == frozen
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(std::fs::read_to_string(&log).expect("log").len() > frozen);
+        let pid = proc.pid();
+        proc.kill();
+        assert!(!pid_exists(pid), "pid {pid} survived SIGKILL");
+        assert!(
+            !proc.log_tail(5).contains("got-term"),
+            "kill must not give the process a SIGTERM"
+        );
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct ModuleLedger {
     next_query_at: Instant,
     last_query_at: Option<Instant>,
     health_known: bool,
+    /// Set when this replica took the base over: the list it observed may predate what the
+    /// previous owner did last, so no command leaves until the base answers again.
+    awaiting_list: bool,
 }
 
 impl ModuleLedger {
@@ -60,6 +63,7 @@ impl ModuleLedger {
             next_query_at: now,
             last_query_at: None,
             health_known: false,
+            awaiting_list: false,
         }
     }
 
@@ -76,9 +80,15 @@ impl ModuleLedger {
         self.next_query_at = now;
     }
 
-    /// This replica takes the base over: ask what it runs at once.
+    /// This replica takes the base over: ask what it runs at once, and send nothing before the
+    /// answer. Commands the previous owner was seen sending count as sent now: a list observed
+    /// before its death can still show a module it had just uninstalled.
     pub fn took_over(&mut self, now: Instant) {
         self.next_query_at = now;
+        self.awaiting_list = true;
+        for f in self.inflight.values_mut() {
+            f.sent_at = now;
+        }
     }
 
     /// Another replica sent the base a command: it is in flight (not to be sent again).
@@ -108,6 +118,7 @@ impl ModuleLedger {
     pub fn on_module_list(&mut self, list: Vec<ModuleStatus>, now: Instant, timeout: Duration) {
         let map: HashMap<ModuleKey, ModuleStatus> =
             list.into_iter().map(|m| (m.key(), m)).collect();
+        self.awaiting_list = false;
         // The list answers a query sent at `asked`: a command sent before it and absent from
         // it never reached the base.
         let asked = self.last_query_at;
@@ -246,7 +257,7 @@ impl ModuleLedger {
 
     /// The queries due now (module list, and health when unknown or at each resync).
     pub fn queries_due(&mut self, now: Instant, resync: Duration) -> Vec<BaseCommand> {
-        let query_lost = self.reported.is_none()
+        let query_lost = (self.reported.is_none() || self.awaiting_list)
             && self
                 .last_query_at
                 .is_some_and(|t| now.saturating_duration_since(t) > QUERY_LOST_AFTER);
@@ -297,6 +308,9 @@ impl ModuleLedger {
 
     /// The commands of a plan, recorded as in flight; each comes with its attempt number.
     pub fn commands(&mut self, plan: &Plan, now: Instant) -> Vec<(BaseCommand, u32)> {
+        if self.awaiting_list {
+            return Vec::new();
+        }
         let installs = plan.installs.iter().map(|s| {
             let key = s.key();
             (
@@ -428,6 +442,43 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn after_a_takeover_nothing_is_sent_before_the_base_answers_and_observed_commands_restart() {
+        let t0 = Instant::now();
+        let mut l = ModuleLedger::new(t0);
+        l.on_module_list(vec![status("biz", "1", BizState::Activated)], t0, T);
+        // The previous owner was seen uninstalling; it died before the list showed it gone.
+        l.command_seen(&BaseCommand::Uninstall(ModuleKey::new("biz", "1")), t0);
+        let t1 = t0 + Duration::from_secs(10);
+        l.took_over(t1);
+        let plan = Plan {
+            uninstalls: vec![ModuleKey::new("biz", "1")],
+            ..Default::default()
+        };
+        assert!(
+            l.commands(&plan, t1).is_empty(),
+            "a list observed before the takeover decides nothing"
+        );
+        assert_eq!(
+            l.queries_due(t1, Duration::from_secs(60))[0],
+            BaseCommand::QueryAllModules
+        );
+        let f = l
+            .inflight
+            .values()
+            .next()
+            .expect("observed uninstall in flight");
+        assert_eq!(f.sent_at, t1, "its clock restarts at the takeover");
+        // The base still shows it (still uninstalling): the observed command stays in flight.
+        l.on_module_list(vec![status("biz", "1", BizState::Deactivated)], t1, T);
+        assert_eq!(l.inflight.len(), 1);
+        assert_eq!(
+            l.commands(&plan, t1).len(),
+            1,
+            "answered: commands flow again"
+        );
+    }
 
     #[test]
     fn a_command_counts_its_attempts_and_settles_with_the_module_list() {

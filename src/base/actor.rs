@@ -223,7 +223,10 @@ impl BaseActor {
                 }
             }
             BaseMsg::Rollouts(r) => self.bound.rollouts = r,
-            BaseMsg::Wanted(w) => self.bound.wanted = w,
+            BaseMsg::Wanted(w) => {
+                debug!(wanted = ?w, "modules unbound pods ask for");
+                self.bound.wanted = w;
+            }
             BaseMsg::Peers(p) => self.bound.peers = p,
             BaseMsg::Ownership(owned) => {
                 if owned && !self.owned {
@@ -403,6 +406,25 @@ impl BaseActor {
             if let Some(p) = self.bound.pods.get_mut(&uid) {
                 p.status = Some(st);
             }
+        }
+        for uid in &decided.delete_pods {
+            let Some(p) = self.bound.pods.get(uid) else {
+                continue;
+            };
+            // What the base last reported of the pod's modules: the why of a removal.
+            let left: Vec<String> = p
+                .specs()
+                .map(|s| {
+                    let state = self
+                        .ledger
+                        .reported
+                        .as_ref()
+                        .and_then(|r| r.get(&s.key()))
+                        .map(|m| m.state.clone());
+                    format!("{}={state:?}", s.key())
+                })
+                .collect();
+            debug!(pod = %p.name, modules = ?left, alive, ?wanted, "pod leaves the base");
         }
         for uid in self
             .fx

@@ -374,15 +374,21 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
         }
     }
 
-    // Deleting pods leave once none of their modules is still on the base.
+    // Deleting pods leave once none of their modules is still on the base, nor on its way
+    // there: an install in flight lands after the pod is gone, and nothing would ask for that
+    // module's uninstall but the orphan grace period.
     for p in i.pods.values().filter(|p| p.deleting) {
         let gone = match (i.alive, i.reported) {
             (false, _) => true,
             (true, None) => false,
             (true, Some(r)) => p.specs().all(|s| {
                 let k = s.key();
+                let arriving = i
+                    .inflight
+                    .get(&(OperationKind::Install, k.clone()))
+                    .is_some_and(|f| !f.lost);
                 keep.contains(&k)
-                    || !r.contains_key(&k)
+                    || (!r.contains_key(&k) && !arriving)
                     || retain_now.contains_key(&k)
                     || i.wanted.contains(&k)
             }),
@@ -922,6 +928,42 @@ mod tests {
         let p = fx.plan(true, true);
         assert_eq!(p.delete_pods, vec!["old".to_string()]);
         assert!(p.uninstalls.is_empty());
+    }
+
+    #[test]
+    fn a_pod_deleted_while_its_install_is_in_flight_stays_until_the_module_can_be_uninstalled() {
+        // A rollback deletes the new pod right after its install went out.
+        let mut fx = Fx::new(
+            vec![pod("old", 1, "1", false), pod("new", 2, "2", true)],
+            Some(reported(&[("1", BizState::Activated)])),
+        );
+        fx.inflight.insert(
+            (OperationKind::Install, ModuleKey::new("m", "2")),
+            InFlight::new(fx.now, Some("https://x/m-2.jar".into())),
+        );
+        let p = fx.plan(true, true);
+        assert!(
+            p.delete_pods.is_empty(),
+            "the install lands after the pod would be gone"
+        );
+        assert!(p.uninstalls.is_empty(), "nothing to uninstall yet");
+        // It landed (still starting): uninstalled at once, and the pod goes once it is gone.
+        fx.inflight.clear();
+        fx.reported = Some(reported(&[
+            ("1", BizState::Activated),
+            ("2", BizState::Resolved),
+        ]));
+        let p = fx.plan(true, true);
+        assert_eq!(p.uninstalls, vec![ModuleKey::new("m", "2")]);
+        assert!(p.delete_pods.is_empty());
+        fx.reported = Some(reported(&[("1", BizState::Activated)]));
+        assert_eq!(fx.plan(true, true).delete_pods, vec!["new".to_string()]);
+        // Control: an install the base never saw (lost) does not hold the pod.
+        let mut lost = InFlight::new(fx.now, None);
+        lost.lost = true;
+        fx.inflight
+            .insert((OperationKind::Install, ModuleKey::new("m", "2")), lost);
+        assert_eq!(fx.plan(true, true).delete_pods, vec!["new".to_string()]);
     }
 
     #[test]

@@ -324,8 +324,15 @@ impl Index {
     }
 
     /// The modules a pod asks for while it is live and unbound (it may still bind anywhere).
-    fn pending_contribution(p: &Pod) -> Vec<ModuleKey> {
+    /// The modules an unbound pod of this env asks for. A pod naming another env cannot land
+    /// on our bases (controllers of several envs share a cluster and module names).
+    fn pending_contribution(env: &str, p: &Pod) -> Vec<ModuleKey> {
         if node_of(p).is_some() || p.metadata.deletion_timestamp.is_some() {
+            return Vec::new();
+        }
+        if crate::peer::env_named(kube::ResourceExt::labels(p), p.spec.as_ref())
+            .is_some_and(|e| e != env)
+        {
             return Vec::new();
         }
         modules_of(p)
@@ -336,7 +343,7 @@ impl Index {
     }
 
     fn count_pending(&mut self, p: &Pod, delta: isize) {
-        for k in Self::pending_contribution(p) {
+        for k in Self::pending_contribution(&self.env, p) {
             let n = self.pending_keys.entry(k.clone()).or_insert(0);
             *n = n.saturating_add_signed(delta);
             if *n == 0 {
@@ -705,6 +712,35 @@ mod tests {
         assert!(ix.synced());
         assert_eq!(describe(&out).last().map(String::as_str), Some("resynced"));
         assert_eq!(ix.pods_on("vnode.b1.dev").len(), 1);
+    }
+
+    #[test]
+    fn unbound_pods_of_another_env_are_not_wanted_here() {
+        let now = Instant::now();
+        let mut ix = index();
+        sync(&mut ix, now);
+        let mut other = pod("o", "u9", "h1", None, 0);
+        other.spec.get_or_insert_with(Default::default).tolerations =
+            Some(vec![k8s_openapi::api::core::v1::Toleration {
+                key: Some(shape::NODE_ENV_TAINT.into()),
+                operator: Some("Equal".into()),
+                value: Some("other".into()),
+                effect: Some("NoExecute".into()),
+                ..Default::default()
+            }]);
+        let out = ix.on_pod_event(0, watcher::Event::Apply(other.clone()), now);
+        assert!(describe(&out).is_empty(), "another env's pending pod");
+        // Control: the same pod tolerating this env's taint is wanted.
+        if let Some(t) = other
+            .spec
+            .as_mut()
+            .and_then(|s| s.tolerations.as_mut())
+            .and_then(|t| t.first_mut())
+        {
+            t.value = Some("dev".into());
+        }
+        let out = ix.on_pod_event(0, watcher::Event::Apply(other), now);
+        assert_eq!(describe(&out), vec!["wanted:1"]);
     }
 
     #[test]

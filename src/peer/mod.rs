@@ -100,10 +100,19 @@ pub fn is_peer(deployment: &Deployment) -> bool {
 /// The env a Deployment names: its own env label, else the value its pod template tolerates
 /// for the env taint.
 pub fn named_env(deployment: &Deployment) -> Option<String> {
-    if let Some(env) = deployment.labels().get(ENV_LABEL) {
+    env_named(deployment.labels(), pod_spec(deployment))
+}
+
+/// The env a workload or pod names: its env label, else the value its pod spec tolerates for
+/// the env taint.
+pub fn env_named(
+    labels: &std::collections::BTreeMap<String, String>,
+    spec: Option<&PodSpec>,
+) -> Option<String> {
+    if let Some(env) = labels.get(ENV_LABEL) {
         return Some(env.clone());
     }
-    pod_spec(deployment)?
+    spec?
         .tolerations
         .as_ref()?
         .iter()

@@ -117,13 +117,12 @@ async fn apiserver_outage_keeps_bases_served_and_flaps_nothing() {
         env.apply_deployment(&env.module_deployment("during", "during", "1.0.0", 2))
             .await;
     }
-    let ready_again = common::eventually(
+    common::eventually(
         Duration::from_secs(30),
         "/readyz 200 after the thaw",
         || async { matches!(http_get(&readyz).await, Some((200, _))).then_some(()) },
     )
     .await;
-    let _ = ready_again;
     let readyz_recovery = thawed.elapsed();
     env.wait_ready_pods("during", 2, T).await;
     let during_ready = thawed.elapsed();

@@ -18,7 +18,7 @@ impl Api {
         let _permit = self.module_permit().await;
         self.counted(
             "deployment_scale",
-            api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
+            self.timed(api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch)))
                 .await,
         )
         .map(|_| ())

@@ -60,7 +60,7 @@ impl Api {
             secondary: None,
         };
         let _permit = self.module_permit().await;
-        match self.events.recorder.publish(&ev, object).await {
+        match self.timed(self.events.recorder.publish(&ev, object)).await {
             Ok(()) => {
                 self.metrics.count("event", true);
                 debug!(reason = %notice.reason, name = ?object.name, "event published");

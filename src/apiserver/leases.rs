@@ -28,8 +28,8 @@ impl Api {
         };
         let _permit = self.node_permit().await;
         let patch = serde_json::json!({ "spec": spec });
-        match api
-            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        match self
+            .timed(api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)))
             .await
         {
             Ok(_) => {
@@ -54,8 +54,11 @@ impl Api {
                     },
                     spec: Some(spec),
                 };
-                self.counted("lease", api.create(&PostParams::default(), &lease).await)
-                    .map(|_| ())
+                self.counted(
+                    "lease",
+                    self.timed(api.create(&PostParams::default(), &lease)).await,
+                )
+                .map(|_| ())
             }
             Err(e) => {
                 self.metrics.count("lease", false);
@@ -68,7 +71,9 @@ impl Api {
     pub(super) async fn delete_node_lease(&self, node: &str) -> Result<(), kube::Error> {
         let leases: KubeApi<Lease> = KubeApi::namespaced(self.client.clone(), LEASE_NAMESPACE);
         let _permit = self.node_permit().await;
-        let r = leases.delete(node, &DeleteParams::default()).await;
+        let r = self
+            .timed(leases.delete(node, &DeleteParams::default()))
+            .await;
         self.counted_gone_ok("node_delete", r)
     }
 }
@@ -166,11 +171,11 @@ impl Api {
         let written = match &claim.resource_version {
             None => self.counted(
                 "owner_lease",
-                api.create(&PostParams::default(), &lease).await,
+                self.timed(api.create(&PostParams::default(), &lease)).await,
             ),
             Some(_) => self.counted(
                 "owner_lease",
-                api.replace(&claim.name, &PostParams::default(), &lease)
+                self.timed(api.replace(&claim.name, &PostParams::default(), &lease))
                     .await,
             ),
         }?;
@@ -181,7 +186,7 @@ impl Api {
     pub async fn delete_owner_lease(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
         let api: KubeApi<Lease> = KubeApi::namespaced(self.client.clone(), namespace);
         let _permit = self.node_permit().await;
-        let r = api.delete(name, &DeleteParams::default()).await;
+        let r = self.timed(api.delete(name, &DeleteParams::default())).await;
         self.counted_gone_ok("owner_lease", r)
     }
 }

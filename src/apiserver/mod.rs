@@ -10,6 +10,8 @@ pub mod pods;
 pub mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +27,11 @@ pub const MANAGER: &str = "module-controller";
 /// Node and Lease writes in flight at once. Separate from `VNODE_WORKER_NUM` (which bounds
 /// module work) so that a burst of pod writes never delays a base's heartbeat, and the reverse.
 const NODE_WRITE_LIMIT: usize = 16;
+
+/// Longest wait for the apiserver's answer to one write. A frozen or partitioned apiserver
+/// keeps connections open and answers nothing; without a deadline a base task (and the write
+/// permit it holds) would wait for it, and stop talking to its base meanwhile.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabel {
@@ -102,6 +109,9 @@ pub struct Api {
     node_writes: Arc<Semaphore>,
     metrics: ApiMetrics,
     events: EventSink,
+    /// False while the readiness probe gets no answer: writes fail at once instead of each
+    /// waiting out its deadline (they are retried with backoff by their callers).
+    reachable: Arc<AtomicBool>,
 }
 
 impl Api {
@@ -118,6 +128,30 @@ impl Api {
             module_writes: Arc::new(Semaphore::new(module_workers.max(1))),
             node_writes: Arc::new(Semaphore::new(NODE_WRITE_LIMIT)),
             metrics,
+            reachable: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// The flag the apiserver probe keeps (see [`watch::spawn_probe`]).
+    pub fn reachability(&self) -> Arc<AtomicBool> {
+        self.reachable.clone()
+    }
+
+    /// One request under [`WRITE_DEADLINE`]; fails at once while the apiserver is known not
+    /// to answer.
+    async fn timed<T>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, kube::Error> {
+        if !self.reachable.load(Ordering::Relaxed) {
+            return Err(unanswered("the apiserver is not answering; write deferred"));
+        }
+        match tokio::time::timeout(WRITE_DEADLINE, request).await {
+            Ok(r) => r,
+            Err(_) => Err(unanswered(&format!(
+                "no answer from the apiserver within {} s",
+                WRITE_DEADLINE.as_secs()
+            ))),
         }
     }
 
@@ -159,6 +193,10 @@ impl Api {
             }
         }
     }
+}
+
+fn unanswered(why: &str) -> kube::Error {
+    kube::Error::Service(why.to_string().into())
 }
 
 /// Whether an apiserver error is a 404.

@@ -16,11 +16,11 @@ impl Api {
         let _permit = self.node_permit().await;
         let n = self.counted(
             "node",
-            api.patch(
+            self.timed(api.patch(
                 &name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&body),
-            )
+            ))
             .await,
         )?;
         debug!(node = %name, "node applied");
@@ -38,7 +38,7 @@ impl Api {
         let _permit = self.node_permit().await;
         self.counted(
             "node_status",
-            api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+            self.timed(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body)))
                 .await,
         )?;
         Ok(())
@@ -49,8 +49,8 @@ impl Api {
         let api: KubeApi<Node> = KubeApi::all(self.client.clone());
         let body = serde_json::json!({ "spec": { "unschedulable": true } });
         let _permit = self.node_permit().await;
-        let r = api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+        let r = self
+            .timed(api.patch(name, &PatchParams::default(), &Patch::Merge(&body)))
             .await;
         self.counted_gone_ok("node", r)
     }
@@ -60,7 +60,9 @@ impl Api {
         self.delete_node_lease(node).await?;
         let nodes: KubeApi<Node> = KubeApi::all(self.client.clone());
         let _permit = self.node_permit().await;
-        let r = nodes.delete(node, &DeleteParams::default()).await;
+        let r = self
+            .timed(nodes.delete(node, &DeleteParams::default()))
+            .await;
         self.counted_gone_ok("node_delete", r)
     }
 

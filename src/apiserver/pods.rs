@@ -17,8 +17,8 @@ impl Api {
         let api: KubeApi<Pod> = KubeApi::namespaced(self.client.clone(), namespace);
         let body = serde_json::json!({ "status": status });
         let _permit = self.module_permit().await;
-        let r = api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+        let r = self
+            .timed(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body)))
             .await;
         self.counted_gone_ok("pod_status", r)
     }
@@ -41,7 +41,7 @@ impl Api {
             ..Default::default()
         };
         let _permit = self.module_permit().await;
-        let r = api.delete(name, &dp).await;
+        let r = self.timed(api.delete(name, &dp)).await;
         self.counted_gone_ok("pod_delete", r)
     }
 }

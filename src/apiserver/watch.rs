@@ -169,6 +169,7 @@ where
 pub fn spawn_probe(
     client: kube::Client,
     health: WatchHealth,
+    reachable: std::sync::Arc<std::sync::atomic::AtomicBool>,
     every: std::time::Duration,
     cancel: CancellationToken,
 ) {
@@ -179,6 +180,7 @@ pub fn spawn_probe(
             let answer = tokio::time::timeout(every, client.apiserver_version()).await;
             match answer {
                 Ok(Ok(_)) => {
+                    reachable.store(true, std::sync::atomic::Ordering::Relaxed);
                     if failing {
                         info!("apiserver reachable again");
                         failing = false;
@@ -186,6 +188,7 @@ pub fn spawn_probe(
                     health.set("apiserver", WatchState::Synced);
                 }
                 Ok(Err(e)) => {
+                    reachable.store(true, std::sync::atomic::Ordering::Relaxed);
                     if !failing {
                         warn!(error = %e, "apiserver unreachable");
                         failing = true;
@@ -193,6 +196,9 @@ pub fn spawn_probe(
                     health.set("apiserver", WatchState::Failing(e.to_string()));
                 }
                 Err(_) => {
+                    // An answer, even an error, means writes reach it; silence means they
+                    // would wait out their deadline.
+                    reachable.store(false, std::sync::atomic::Ordering::Relaxed);
                     if !failing {
                         warn!("apiserver not answering");
                         failing = true;

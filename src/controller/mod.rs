@@ -257,6 +257,7 @@ pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<C
     watches::spawn_probe(
         deps.client.clone(),
         health.watches.clone(),
+        api.reachability(),
         APISERVER_PROBE,
         cancel.child_token(),
     );

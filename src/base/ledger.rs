@@ -149,6 +149,16 @@ impl ModuleLedger {
                 self.set_url(key, url);
             }
         }
+        // A module the base is still starting that no command of ours explains (a restarted
+        // controller, a takeover): its install is in flight all the same, and a second one
+        // would be refused as a conflict or install it twice.
+        for (key, m) in &map {
+            if m.state == BizState::Resolved {
+                self.inflight
+                    .entry((OperationKind::Install, key.clone()))
+                    .or_insert_with(|| InFlight::new(now, self.urls.get(key).cloned()));
+            }
+        }
         for (key, m) in &map {
             match m.state {
                 BizState::Activated => {
@@ -478,6 +488,21 @@ mod tests {
             1,
             "answered: commands flow again"
         );
+    }
+
+    #[test]
+    fn a_module_found_starting_is_an_install_in_flight() {
+        // A restarted controller finds the base still starting what its predecessor sent.
+        let now = Instant::now();
+        let mut l = ModuleLedger::new(now);
+        l.on_module_list(vec![status("biz", "1", BizState::Resolved)], now, T);
+        let f = l
+            .inflight
+            .get(&(OperationKind::Install, ModuleKey::new("biz", "1")))
+            .expect("in flight");
+        assert!(!f.lost);
+        l.on_module_list(vec![status("biz", "1", BizState::Activated)], now, T);
+        assert!(l.inflight.is_empty(), "settled once active");
     }
 
     #[test]

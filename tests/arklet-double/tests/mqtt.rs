@@ -509,9 +509,9 @@ async fn a_fleet_shares_one_broker() {
     fleet.stop().await;
 }
 
-/// `cargo test -p arklet-double --test mqtt -- --ignored` (about a second on 2 cores).
+/// The double itself scales to the fleets the churn test and the scale bench use (about a
+/// second on 2 cores).
 #[tokio::test]
-#[ignore = "scale check, run on demand"]
 async fn a_thousand_bases_in_one_process() {
     let broker = Mosquitto::start().await;
     let ctl = Ctl::connect(broker.port, "dev").await;

@@ -19,7 +19,10 @@ use plugin_support::{PluginDir, drain, plugin_bytes, wait_for, with_custom_secti
 use serde_json::json;
 
 const WRITES: usize = 100;
-const SERVE_WITHIN: Duration = Duration::from_secs(1);
+/// How long a written version may take to serve: a bound on correctness (it does reload), not a
+/// latency target; `plugin-bench` measures reload latency (a timed assertion here would flake on
+/// a loaded machine).
+const SERVE_WITHIN: Duration = Duration::from_secs(10);
 
 /// Which decision the driver saw.
 const SEEN_DEFAULT: u64 = 1;
@@ -251,7 +254,7 @@ async fn hot_reload_under_load() {
         }
         if is_broken {
             broken_writes += 1;
-            let fault = wait_for(Duration::from_secs(3), || {
+            let fault = wait_for(SERVE_WITHIN, || {
                 let got = drain(&mut faults);
                 let load = got
                     .iter()
@@ -286,7 +289,7 @@ async fn hot_reload_under_load() {
             latencies.push(latency);
             serving = want;
             let expected_hash = module_controller_hash(&bytes);
-            let status_hash = wait_for(Duration::from_secs(1), || {
+            let status_hash = wait_for(SERVE_WITHIN, || {
                 let h = host.status()[0].content_hash.clone();
                 (h == expected_hash).then_some(h)
             });

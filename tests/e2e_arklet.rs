@@ -118,7 +118,8 @@ impl Drop for SeenReasons {
     }
 }
 
-/// Events in the test namespace about pods whose name starts with `app` (Deployment pods).
+/// Events the module controller reported in the test namespace about pods whose name starts
+/// with `app` (Deployment pods).
 async fn app_pod_events(env: &TestEnv, app: &str) -> Vec<(String, String, String)> {
     let api: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     api.list(&ListParams::default())
@@ -126,6 +127,7 @@ async fn app_pod_events(env: &TestEnv, app: &str) -> Vec<(String, String, String
         .expect("list events")
         .items
         .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some(common::REPORTING_CONTROLLER))
         .filter_map(|e| {
             let r = e.regarding.as_ref()?;
             let name = r.name.clone()?;

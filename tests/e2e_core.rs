@@ -5,15 +5,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arklet_double::BizId;
+use common::watch::ReadyRecorder;
 use common::{TestEnv, eventually, installs, uninstalls};
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher;
 use module_controller::vpod::status::is_ready;
@@ -186,39 +183,40 @@ async fn controller_restart_reinstalls_nothing_and_never_flaps_ready() {
     env.wait_ready_pods("biz", 2, T).await;
     let before = installs(&b1, "biz").len() + installs(&b2, "biz").len();
 
-    // Record every Ready observation of the pods from now on.
-    let flaps = Arc::new(Mutex::new(Vec::<String>::new()));
-    let f = flaps.clone();
-    let api: Api<Pod> = env.pods();
-    let watch = tokio::spawn(async move {
-        let mut s = watcher(api, watcher::Config::default().labels("app=biz")).boxed();
-        while let Some(Ok(ev)) = s.next().await {
-            if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) = ev
-                && p.metadata.deletion_timestamp.is_none()
-                && !is_ready(p.status.as_ref())
-            {
-                f.lock()
-                    .expect("lock")
-                    .push(p.metadata.name.unwrap_or_default());
-            }
-        }
-    });
+    // Record every Ready transition of the pods and the VNodes from now on; a recorder whose
+    // watch errs or ends fails the test (it could have missed a flap).
+    let pods = ReadyRecorder::pods(
+        "module pods",
+        env.pods(),
+        watcher::Config::default().labels("app=biz"),
+    )
+    .await;
+    let nodes = ReadyRecorder::vnodes(&env).await;
 
     env.stop_controller().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.start_controller().await;
     // Several heartbeats and a full resync later nothing changed.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    watch.abort();
     let after = installs(&b1, "biz").len() + installs(&b2, "biz").len();
     assert_eq!(
         after, before,
         "no install command after a controller restart"
     );
+    pods.assert_alive();
+    nodes.assert_alive();
+    // Control: the recorders watch the right objects (both pods and both VNodes seen Ready).
+    assert_eq!(pods.ever_ready().len(), 2, "{:?}", pods.history());
+    assert_eq!(nodes.ever_ready().len(), 2, "{:?}", nodes.history());
     assert!(
-        flaps.lock().expect("lock").is_empty(),
+        pods.drops().is_empty(),
         "pods went NotReady: {:?}",
-        flaps.lock().expect("lock")
+        pods.drops()
+    );
+    assert!(
+        nodes.drops().is_empty(),
+        "VNodes went NotReady: {:?}",
+        nodes.drops()
     );
     env.wait_ready_pods("biz", 2, Duration::from_secs(5)).await;
     for id in ["r1", "r2"] {
@@ -249,18 +247,31 @@ async fn broker_restart_loses_and_duplicates_nothing() {
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
         .collect();
-    let mut per_base: HashMap<&str, usize> = HashMap::new();
+    // Duplicated = an install the base received more than once (its module list is keyed by
+    // name and version and would show one copy either way).
+    let mut installed = 0;
     for (id, b) in [("k1", &b1), ("k2", &b2)] {
-        let n = b.active_modules().iter().filter(|k| **k == key).count();
-        assert!(n <= 1, "module duplicated on {id}");
+        let sent = installs(b, "biz");
+        assert!(
+            sent.len() <= 1,
+            "install sent {} times to {id}: {sent:?}",
+            sent.len()
+        );
+        let resent = common::faults::resent_since(b, 0);
+        assert!(resent.is_empty(), "commands sent again to {id}: {resent:?}");
+        let runs = b.active_modules().contains(&key);
         assert_eq!(
-            n == 1,
+            runs,
             nodes.contains(&env.node_name(id)),
             "module on {id} iff a pod is bound there"
         );
-        per_base.insert(id, n);
+        installed += sent.len();
     }
-    assert_eq!(per_base.values().sum::<usize>(), nodes.len());
+    assert_eq!(
+        installed,
+        nodes.len(),
+        "one install per bound pod, none lost"
+    );
     env.stop_controller().await;
 }
 

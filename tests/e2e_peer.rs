@@ -328,24 +328,7 @@ async fn module_needing_a_newer_base_waits_until_that_base_is_online() {
     wait_vnodes_ready(&env, &["c1", "c2"]).await;
 
     let mut d: Deployment = env.module_deployment("newbiz", "newbiz", "1.2.0", 1);
-    let terms = d
-        .spec
-        .as_mut()
-        .and_then(|s| s.template.spec.as_mut())
-        .and_then(|s| s.affinity.as_mut())
-        .and_then(|a| a.node_affinity.as_mut())
-        .and_then(|n| {
-            n.required_during_scheduling_ignored_during_execution
-                .as_mut()
-        })
-        .expect("required node affinity");
-    for term in &mut terms.node_selector_terms {
-        for e in term.match_expressions.iter_mut().flatten() {
-            if e.key == "base.koupleless.io/version" {
-                e.values = Some(vec!["2.0.0".into()]);
-            }
-        }
-    }
+    common::require_node_label(&mut d, "base.koupleless.io/version", &["2.0.0"]);
     env.apply_deployment(&d).await;
 
     // The scheduler finds no compatible base: the pod stays Pending, unbound.

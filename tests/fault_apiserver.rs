@@ -5,6 +5,9 @@
 //! The controller must keep serving its bases (heartbeats keep them alive, module-list queries
 //! keep flowing), say it is not ready while the apiserver does not answer, and afterwards
 //! flap nothing, re-install nothing, and act on what was applied during the outage.
+//!
+//! Also: a watch the apiserver keeps refusing (RBAC without `list`/`watch` on Deployments)
+//! shows in `/readyz`, by name, while the bases are served.
 
 mod common;
 
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::faults::{http_get, longest_gap, queries_between};
 use common::watch::{ReadyRecorder, now_ms};
-use common::{PrivateControlPlane, TestEnv, installs};
+use common::{PrivateControlPlane, TestEnv, eventually, installs};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
@@ -56,13 +59,7 @@ async fn apiserver_outage_keeps_bases_served_and_flaps_nothing() {
     assert_eq!(http_get(&readyz).await.map(|r| r.0), Some(200));
 
     let pods = ReadyRecorder::pods("module pods", env.pods(), watcher::Config::default()).await;
-    let nodes = ReadyRecorder::nodes(
-        "VNodes",
-        env.nodes(),
-        watcher::Config::default()
-            .labels(&format!("virtual-kubelet.koupleless.io/env={}", env.env)),
-    )
-    .await;
+    let nodes = ReadyRecorder::vnodes(&env).await;
 
     // ---- The outage.
     let frozen = env.cp.freeze_apiserver().expect("freeze");
@@ -245,6 +242,115 @@ async fn apiserver_outage_keeps_bases_served_and_flaps_nothing() {
             .iter()
             .map(|(t, c, _)| (t, c))
             .collect::<Vec<_>>()
+    );
+    env.stop_controller().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_shows_in_readyz_while_bases_are_served() {
+    let mut env = TestEnv::new("watch-rbac").await;
+    // The rights of deploy/rbac.yaml, but Deployments may only be read one by one: the
+    // controller's Deployment watch is refused (403), its other watches are not.
+    let client = common::deploy::controller_client(&env, |rules| {
+        for r in rules.iter_mut() {
+            if r["resources"] == serde_json::json!(["deployments"]) {
+                r["verbs"] = serde_json::json!(["get"]);
+            }
+        }
+    })
+    .await;
+    // Control: the refusal is real (the controller's own rights cannot list Deployments).
+    let own: Api<k8s_openapi::api::apps::v1::Deployment> = Api::all(client.clone());
+    match own.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("listing Deployments was not refused: {other:?}"),
+    }
+    env.launch_controller(env.settings(), client).await;
+    let endpoint = env.serve_endpoint().await;
+    let metrics = env.metrics();
+
+    // Once the other watches listed, /readyz names the refused one, and why, and only it.
+    let readyz = eventually(T, "/readyz names the refused watch alone", || async {
+        match http_get(&format!("{endpoint}/readyz")).await {
+            Some((503, body))
+                if body.starts_with("deployments:")
+                    && body.contains("forbidden")
+                    && !body.contains(';') =>
+            {
+                Some(body)
+            }
+            _ => None,
+        }
+    })
+    .await;
+    eprintln!("/readyz: 503 {readyz}");
+    assert_eq!(
+        http_get(&format!("{endpoint}/healthz")).await.map(|r| r.0),
+        Some(200),
+        "the process is alive"
+    );
+
+    // The bases are served all the same: heartbeats become Ready VNodes with renewed Leases,
+    // module lists keep being queried.
+    let mqtt = env.mqtt_base("w-mqtt").await;
+    let http = env.http_base("w-http").await;
+    for id in ["w-mqtt", "w-http"] {
+        env.wait_node_ready(id, T).await;
+    }
+    let t0 = now_ms();
+    let errors0 = metrics.watches.errors("deployments");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let t1 = now_ms();
+    for b in [&mqtt, &http] {
+        let qs = queries_between(b, t0, t1);
+        assert!(
+            qs.len() >= 2,
+            "{}: {} module-list queries in 12 s (resync every {} s)",
+            b.identity(),
+            qs.len(),
+            RESYNC.as_secs()
+        );
+    }
+    for id in ["w-mqtt", "w-http"] {
+        assert_eq!(env.node_ready(id).await.as_deref(), Some("True"), "{id}");
+    }
+    // Nothing the MQTT bases said was dropped for want of room (a stalled loop fills the
+    // queue the MQTT event loop hands messages to; the HTTP tunnel waits for room instead).
+    assert_eq!(
+        metrics.mqtt.received("queue_full"),
+        0,
+        "MQTT messages dropped"
+    );
+    assert!(metrics.mqtt.received("ok") > 0 && metrics.http.received("ok") > 0);
+    // Persistent: still not ready, and the watch retries with backoff, not in a hot loop.
+    let (code, body) = http_get(&format!("{endpoint}/readyz"))
+        .await
+        .expect("answers");
+    assert_eq!(code, 503, "{body}");
+    let retries = metrics.watches.errors("deployments") - errors0;
+    assert!(
+        (1..=15).contains(&retries),
+        "{retries} refused Deployment watch attempts in 12 s"
+    );
+
+    // Control: with the rights of deploy/rbac.yaml the watch lists, and /readyz says ready.
+    common::deploy::controller_client(&env, |_| {}).await;
+    let recovered = Instant::now();
+    eventually(
+        Duration::from_secs(90),
+        "/readyz 200 once allowed",
+        || async {
+            matches!(
+                http_get(&format!("{endpoint}/readyz")).await,
+                Some((200, _))
+            )
+            .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "/readyz 200 {:.1} s after the Deployment watch was allowed",
+        recovered.elapsed().as_secs_f64()
     );
     env.stop_controller().await;
 }

@@ -25,13 +25,7 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(90);
 
 async fn recorders(env: &TestEnv) -> (ReadyRecorder, ReadyRecorder) {
-    let nodes = ReadyRecorder::nodes(
-        "VNodes",
-        env.nodes(),
-        watcher::Config::default()
-            .labels(&format!("virtual-kubelet.koupleless.io/env={}", env.env)),
-    )
-    .await;
+    let nodes = ReadyRecorder::vnodes(env).await;
     let pods = ReadyRecorder::pods("module pods", env.pods(), watcher::Config::default()).await;
     (nodes, pods)
 }

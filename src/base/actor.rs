@@ -176,12 +176,16 @@ impl BaseActor {
                 m = rx.recv() => {
                     let Some(m) = m else { return ActorExit::Stopped };
                     self.handle(m);
-                    // Coalesce a burst into one reconcile.
-                    while let Ok(m) = rx.try_recv() {
-                        self.handle(m);
-                    }
                 }
                 _ = tick.tick() => {}
+            }
+            // Everything that arrived, before deciding, whichever branch woke us: a step can
+            // take long (its apiserver writes wait their turn behind every other base's), and
+            // liveness judged while heartbeats still sit in the inbox would call a live base
+            // silent, or expire it and delete its VNode. It also coalesces a burst into one
+            // reconcile.
+            while let Ok(m) = rx.try_recv() {
+                self.handle(m);
             }
             if let Some(exit) = self.step().await {
                 return exit;
@@ -564,5 +568,146 @@ impl BaseActor {
     async fn finish(&mut self, exit: ActorExit, reason: &str) -> ActorExit {
         self.fx.remove_vnode(&self.bound.pods, reason).await;
         exit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The task against a slow apiserver (a mock that answers every request after a delay
+    //! longer than the VNode TTL): liveness must be judged on the heartbeats that arrived,
+    //! not on those the task found time to look at.
+
+    use super::*;
+    use crate::apiserver::{Api, ApiMetrics};
+    use crate::base::BaseMetrics;
+    use crate::base::testing::NoTunnel;
+    use crate::rollout::BuiltinPolicies;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    /// Longer than the TTL below: one write makes a step outlast it.
+    const APISERVER_DELAY: Duration = Duration::from_millis(700);
+
+    fn answer(req: &Request<Body>) -> Response<Body> {
+        let path = req.uri().path();
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let body = if path.contains("/leases/") || path.ends_with("/leases") {
+            serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": "kube-node-lease"}})
+        } else if path.starts_with("/api/v1/nodes/") && req.method() != http::Method::DELETE {
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "vnode.b1.dev"}})
+        } else {
+            serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})
+        };
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(&body).unwrap_or_default()))
+            .unwrap_or_else(|_| Response::new(Body::empty()))
+    }
+
+    /// A base task whose every apiserver request is answered after [`APISERVER_DELAY`].
+    fn slow_apiserver_actor() -> BaseActor {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                tokio::spawn(async move {
+                    tokio::time::sleep(APISERVER_DELAY).await;
+                    send.send_response(answer(&req));
+                });
+            }
+        });
+        let client = kube::Client::new(svc, "default");
+        let settings = ActorSettings {
+            env: "dev".into(),
+            env_taint: true,
+            liveness: LivenessPolicy {
+                timeout: Duration::from_millis(250),
+                ttl: Duration::from_millis(500),
+            },
+            // A Lease renewal in nearly every step: every step outlasts the TTL.
+            lease_renew: Duration::from_millis(100),
+            resync: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(10),
+            tick: Duration::from_millis(50),
+            retention_timeout: Duration::from_secs(60),
+            install_timeout: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(60),
+            owned_from_start: true,
+            observer_linger: Duration::ZERO,
+            order: StatusOrder::Lossless,
+        };
+        BaseActor::new(
+            "b1",
+            Arc::new(settings),
+            EffectsDeps {
+                api: Api::new(client, 8, "test", ApiMetrics::default()),
+                tunnel: Arc::new(NoTunnel),
+                policies: Arc::new(BuiltinPolicies),
+                metrics: BaseMetrics::default(),
+                order: StatusOrder::Lossless,
+                pool: None,
+            },
+        )
+    }
+
+    fn heartbeat(lifecycle: BaseLifecycle) -> BaseMsg {
+        BaseMsg::Event(TunnelEvent::Heartbeat(crate::base::testing::heartbeat(
+            lifecycle,
+        )))
+    }
+
+    /// Starts the task and a heartbeat every 50 ms until the returned token is cancelled.
+    fn run_with_heartbeats() -> (
+        tokio::task::JoinHandle<ActorExit>,
+        mpsc::UnboundedSender<BaseMsg>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(slow_apiserver_actor().run(rx));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (beats, s) = (tx.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !s.is_cancelled() {
+                if beats.send(heartbeat(BaseLifecycle::Activated)).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        (task, tx, stop)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_base_is_not_expired_while_its_task_waits_for_the_apiserver() {
+        let (task, tx, stop) = run_with_heartbeats();
+        // Every step outlasts the TTL (its writes wait for the slow apiserver): some eight
+        // steps, each a chance to judge the base on heartbeats not yet looked at.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            !task.is_finished(),
+            "a base heartbeating every 50 ms was removed: {:?}",
+            task.await
+        );
+        // Its goodbye, behind a long step, is a drain, not an expiry.
+        stop.cancel();
+        tx.send(heartbeat(BaseLifecycle::Deactivated))
+            .expect("task alive");
+        let exit = tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("the task ends")
+            .expect("task");
+        assert_eq!(exit, ActorExit::Drained);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn control_a_base_that_falls_silent_expires_behind_the_slow_apiserver() {
+        let (task, _tx, stop) = run_with_heartbeats();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        let exit = tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("the task ends")
+            .expect("task");
+        assert_eq!(exit, ActorExit::Expired);
     }
 }

@@ -415,27 +415,12 @@ mod tests {
 
     use super::*;
     use crate::apiserver::ApiMetrics;
+    use crate::base::testing::NoTunnel;
     use crate::rollout::BuiltinPolicies;
-    use crate::tunnel::TunnelError;
-    use futures::future::BoxFuture;
     use http::{Request, Response};
     use k8s_openapi::api::core::v1::{Pod, PodCondition};
     use kube::client::Body;
     use std::time::Duration;
-
-    struct NoTunnel;
-    impl Tunnel for NoTunnel {
-        fn name(&self) -> &str {
-            "none"
-        }
-        fn send<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a BaseCommand,
-        ) -> BoxFuture<'a, Result<(), TunnelError>> {
-            Box::pin(async { Ok(()) })
-        }
-    }
 
     fn status(ready: bool) -> PodStatus {
         PodStatus {

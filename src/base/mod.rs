@@ -9,6 +9,8 @@ pub mod ledger;
 pub mod msg;
 pub mod node_sync;
 pub mod plan;
+#[cfg(test)]
+mod testing;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -291,22 +291,9 @@ fn not_ready_minimal() -> NodeStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BaseHealth, BaseMetadata};
+    use crate::model::BaseHealth;
 
-    fn hb(lifecycle: BaseLifecycle) -> BaseHeartbeat {
-        BaseHeartbeat {
-            metadata: BaseMetadata {
-                identity: "b1".into(),
-                name: "base".into(),
-                version: "1.0.0".into(),
-                cluster_name: "c".into(),
-            },
-            local_ip: "10.0.0.1".into(),
-            local_host_name: "b1".into(),
-            port: None,
-            lifecycle,
-        }
-    }
+    use crate::base::testing::heartbeat as hb;
 
     const POLICY: LivenessPolicy = LivenessPolicy {
         timeout: Duration::from_secs(3),

@@ -196,6 +196,7 @@ impl BaselineProvider for ChannelBaseline {
 pub async fn start(settings: Settings, deps: ControllerDeps) -> anyhow::Result<ControllerHandle> {
     let cancel = CancellationToken::new();
     let metrics = deps.metrics.clone();
+    metrics.runtime.watch(tokio::runtime::Handle::current());
     let api = Api::new(
         deps.client.clone(),
         settings.workers,

@@ -165,7 +165,11 @@ impl Tasks {
     /// the base has no task any more.
     pub fn on_exit(&mut self, node: &str, generation: u64, exit: ActorExit) -> bool {
         info!(node, ?exit, "base task ended");
-        self.deps.metrics.task_exits.inc();
+        self.deps.metrics.task_exited(match exit {
+            ActorExit::Drained => "drained",
+            ActorExit::Expired => "expired",
+            ActorExit::Stopped => "stopped",
+        });
         if self
             .tasks
             .get(node)

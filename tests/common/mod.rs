@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod deploy;
 pub mod faults;
 pub mod process;
 pub mod watch;
@@ -242,6 +243,11 @@ impl TestEnv {
     /// Starts the controller with explicit settings and its own client (e.g. other credentials).
     pub async fn start_controller_as(&mut self, settings: Settings, client: kube::Client) {
         self.launch_controller(settings, client).await;
+        self.wait_controller_ready().await;
+    }
+
+    /// Waits until the running controller is ready (every watch listed).
+    async fn wait_controller_ready(&self) {
         let health = self
             .controller
             .as_ref()
@@ -258,21 +264,43 @@ impl TestEnv {
     /// Starts the controller without waiting until it is ready (e.g. when a watch is expected
     /// to fail).
     pub async fn launch_controller(&mut self, settings: Settings, client: kube::Client) {
-        let mut deps = ControllerDeps::new(
-            client,
-            self.policies.clone(),
-            controller::no_plugin_codecs(),
-            Metrics::new(),
-        );
-        if self.unsafe_order {
-            deps = deps.unsafe_status_order();
-        }
-        if let Some(pool) = &self.pool {
-            deps = deps.plugin_pool(Arc::new(pool.clone()));
-        }
-        let handle = controller::start(settings, deps)
+        let handle = controller::start(settings, self.deps(client))
             .await
             .expect("controller starts");
+        self.launched(handle);
+    }
+
+    /// Starts the controller on runtime `rt` (its client, watches, tunnels and base tasks all
+    /// live there, and nothing else does: that runtime's task count is the controller's) and
+    /// waits until it is ready.
+    pub async fn start_controller_on(&mut self, rt: &tokio::runtime::Handle, settings: Settings) {
+        let cp = self.cp;
+        let (policies, unsafe_order, pool) =
+            (self.policies.clone(), self.unsafe_order, self.pool.clone());
+        let handle = rt
+            .spawn(async move {
+                // Created here: the client's connection pool and buffer task belong to `rt`.
+                let client = cp.client().await.expect("client");
+                let deps = deps_for(client, policies, unsafe_order, pool);
+                controller::start(settings, deps).await
+            })
+            .await
+            .expect("controller start task")
+            .expect("controller starts");
+        self.launched(handle);
+        self.wait_controller_ready().await;
+    }
+
+    fn deps(&self, client: kube::Client) -> ControllerDeps {
+        deps_for(
+            client,
+            self.policies.clone(),
+            self.unsafe_order,
+            self.pool.clone(),
+        )
+    }
+
+    fn launched(&mut self, handle: ControllerHandle) {
         if let Some(addr) = handle.http_addr {
             self.http_port = Some(addr.port());
         }
@@ -546,7 +574,33 @@ impl Drop for TestEnv {
     }
 }
 
-/// Events in `ns` about `pod` (events.k8s.io/v1 `regarding`).
+fn deps_for(
+    client: kube::Client,
+    policies: Arc<dyn PolicySource>,
+    unsafe_order: bool,
+    pool: Option<module_controller::plugin::PluginPool>,
+) -> ControllerDeps {
+    let mut deps = ControllerDeps::new(
+        client,
+        policies,
+        controller::no_plugin_codecs(),
+        Metrics::new(),
+    );
+    if unsafe_order {
+        deps = deps.unsafe_status_order();
+    }
+    if let Some(pool) = pool {
+        deps = deps.plugin_pool(Arc::new(pool));
+    }
+    deps
+}
+
+/// The `reportingController` of the module controller's Events.
+pub const REPORTING_CONTROLLER: &str = "module-controller";
+
+/// Events in `ns` about `pod` (events.k8s.io/v1 `regarding`) that the module controller
+/// reported: (reason, note). The scheduler, the kubelet and the Deployment controller write
+/// Events about the same pods; a check that took theirs would not be checking ours.
 pub async fn pod_events(client: &kube::Client, ns: &str, pod: &str) -> Vec<(String, String)> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     api.list(&ListParams::default())
@@ -555,8 +609,35 @@ pub async fn pod_events(client: &kube::Client, ns: &str, pod: &str) -> Vec<(Stri
         .items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+        .filter(|e| e.reporting_controller.as_deref() == Some(REPORTING_CONTROLLER))
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
+}
+
+/// Sets the values of the required node-affinity expression on `key` of a Deployment's pod
+/// template (e.g. which base name or version its pods need).
+pub fn require_node_label(d: &mut Deployment, key: &str, values: &[&str]) {
+    let terms = d
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .and_then(|s| s.affinity.as_mut())
+        .and_then(|a| a.node_affinity.as_mut())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_mut()
+        })
+        .expect("required node affinity");
+    let mut found = false;
+    for term in &mut terms.node_selector_terms {
+        for e in term.match_expressions.iter_mut().flatten() {
+            if e.key == key {
+                e.values = Some(values.iter().map(|v| v.to_string()).collect());
+                found = true;
+            }
+        }
+    }
+    assert!(found, "no required node affinity on {key}");
 }
 
 /// Labels map helper.

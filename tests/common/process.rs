@@ -129,6 +129,22 @@ impl ControllerProcess {
         self.process.as_mut().is_some_and(|p| p.is_running())
     }
 
+    /// The OS process id of the current process.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ManagedProcess::pid)
+    }
+
+    /// Resident memory of the current process (KiB; 0 when it is not running).
+    pub fn rss_kib(&self) -> u64 {
+        self.pid().map_or(0, |p| rss_kib(&p.to_string()))
+    }
+
+    /// The established TCP connections of the current process.
+    pub fn connections(&self) -> Vec<Connection> {
+        self.pid()
+            .map_or_else(Vec::new, |p| connections(&p.to_string()))
+    }
+
     /// `/readyz`: (status, body), None when nothing answers.
     pub async fn readyz(&self) -> Option<(u16, String)> {
         super::faults::http_get(&format!("http://{}/readyz", self.metrics_addr)).await
@@ -168,4 +184,65 @@ impl Drop for ControllerProcess {
             );
         }
     }
+}
+
+/// One end of an established TCP connection of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    /// This end's port.
+    pub local: u16,
+    /// The other end's port.
+    pub remote: u16,
+}
+
+/// Resident memory (KiB) of process `pid` (`self` for this one); 0 when unknown.
+pub fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The established TCP connections of process `pid` (`self` for this one): the sockets of
+/// its file descriptors, looked up in the kernel's TCP tables.
+pub fn connections(pid: &str) -> Vec<Connection> {
+    let inodes: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            .unwrap_or(0)
+    };
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Fields: sl local remote state … inode (10th); state 01 is ESTABLISHED.
+            if f.len() < 10 || f[3] != "01" {
+                continue;
+            }
+            if f[9].parse().is_ok_and(|i: u64| inodes.contains(&i)) {
+                out.push(Connection {
+                    local: port(f[1]),
+                    remote: port(f[2]),
+                });
+            }
+        }
+    }
+    out
 }

@@ -62,7 +62,8 @@ fn pod_ready(p: &Pod) -> bool {
     module_controller::vpod::status::is_ready(p.status.as_ref())
 }
 
-fn node_ready(n: &Node) -> bool {
+/// Whether a Node's `Ready` condition is True.
+pub fn node_ready(n: &Node) -> bool {
     n.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -79,6 +80,17 @@ impl ReadyRecorder {
     /// Records the nodes `cfg` selects; returns once the initial list is recorded.
     pub async fn nodes(what: &str, api: Api<Node>, cfg: watcher::Config) -> ReadyRecorder {
         Self::start(what, api, cfg, node_ready).await
+    }
+
+    /// Records the VNodes of `env`'s controller (its env label).
+    pub async fn vnodes(env: &super::TestEnv) -> ReadyRecorder {
+        Self::nodes(
+            "VNodes",
+            env.nodes(),
+            watcher::Config::default()
+                .labels(&format!("virtual-kubelet.koupleless.io/env={}", env.env)),
+        )
+        .await
     }
 
     async fn start<K>(

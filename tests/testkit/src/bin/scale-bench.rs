@@ -463,7 +463,16 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
 /// Apiserver requests by (verb, resource[/subresource]).
 type ApiCounts = BTreeMap<(String, String), f64>;
 
-async fn apiserver_requests(client: &kube::Client) -> anyhow::Result<ApiCounts> {
+/// What the apiserver's own metrics say: requests (`apiserver_request_total`) and the sum and
+/// count of their durations (`apiserver_request_duration_seconds`), by verb and resource.
+#[derive(Debug, Clone, Default)]
+struct ApiSnap {
+    requests: ApiCounts,
+    seconds: ApiCounts,
+    timed: ApiCounts,
+}
+
+async fn apiserver_metrics(client: &kube::Client) -> anyhow::Result<ApiSnap> {
     let request = http::Request::get("/metrics")
         .body(Vec::new())
         .context("building the /metrics request")?;
@@ -471,11 +480,14 @@ async fn apiserver_requests(client: &kube::Client) -> anyhow::Result<ApiCounts> 
         .request_text(request)
         .await
         .context("reading the apiserver's /metrics")?;
-    let mut out = ApiCounts::new();
-    for (name, labels, value) in parse_prom(&text, "apiserver_request_total") {
-        if name != "apiserver_request_total" {
-            continue;
-        }
+    let mut out = ApiSnap::default();
+    for (name, labels, value) in parse_prom(&text, "apiserver_request_") {
+        let into = match name.as_str() {
+            "apiserver_request_total" => &mut out.requests,
+            "apiserver_request_duration_seconds_sum" => &mut out.seconds,
+            "apiserver_request_duration_seconds_count" => &mut out.timed,
+            _ => continue,
+        };
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         let sub = get("subresource");
         let resource = if sub.is_empty() {
@@ -483,9 +495,34 @@ async fn apiserver_requests(client: &kube::Client) -> anyhow::Result<ApiCounts> 
         } else {
             format!("{}/{sub}", get("resource"))
         };
-        *out.entry((get("verb"), resource)).or_default() += value;
+        *into.entry((get("verb"), resource)).or_default() += value;
     }
     Ok(out)
+}
+
+/// Mean apiserver latency (ms) and count of the writes of the controller's kinds between two
+/// snapshots: the apiserver's share of every write, whoever sent it.
+fn write_latencies(a: &ApiSnap, b: &ApiSnap) -> Vec<(String, f64, f64)> {
+    const KINDS: [(&str, &str); 4] = [
+        ("PATCH", "pods/status"),
+        ("PATCH", "nodes"),
+        ("PATCH", "nodes/status"),
+        ("PATCH", "leases"),
+    ];
+    let delta = |m: &ApiCounts, n: &ApiCounts, k: &(String, String)| {
+        n.get(k).copied().unwrap_or(0.0) - m.get(k).copied().unwrap_or(0.0)
+    };
+    KINDS
+        .iter()
+        .filter_map(|(verb, res)| {
+            let k = (verb.to_string(), res.to_string());
+            let n = delta(&a.timed, &b.timed, &k);
+            (n > 0.0).then(|| {
+                let ms = delta(&a.seconds, &b.seconds, &k) * 1000.0 / n;
+                (format!("{verb} {res}"), n, ms)
+            })
+        })
+        .collect()
 }
 
 fn api_diff(a: &ApiCounts, b: &ApiCounts) -> Vec<(String, String, f64)> {
@@ -495,6 +532,11 @@ fn api_diff(a: &ApiCounts, b: &ApiCounts) -> Vec<(String, String, f64)> {
             (d > 0.0).then(|| (verb.clone(), res.clone(), d))
         })
         .collect()
+}
+
+/// A sum that is +0 when empty (`Sum for f64` starts at -0.0, printed "-0").
+fn total(values: impl Iterator<Item = f64>) -> f64 {
+    values.fold(0.0, |a, b| a + b)
 }
 
 fn is_write(verb: &str) -> bool {
@@ -607,6 +649,8 @@ struct Phase {
     missing_install: usize,
     cpu: Vec<(String, f64)>,
     writes: BTreeMap<String, f64>,
+    /// (verb resource, count, mean apiserver latency in ms), all clients.
+    api_latency: Vec<(String, f64, f64)>,
     controller_rss_mib: f64,
     wall: Duration,
 }
@@ -724,10 +768,22 @@ impl Bench {
         }
     }
 
+    /// The apiserver's metrics, or nothing (with a warning) when they cannot be read.
+    async fn api_snap(&self) -> ApiSnap {
+        match apiserver_metrics(&self.client).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                ApiSnap::default()
+            }
+        }
+    }
+
     async fn create(&self) -> anyhow::Result<Phase> {
         let (n, m) = (self.args.bases, self.args.modules);
         let want = n * m;
         let deps: Api<Deployment> = Api::namespaced(self.client.clone(), NS);
+        let a0 = self.api_snap().await;
         let c0 = self.counters().await;
         let cpu0 = self.procs.snap();
         let t0 = now_ms();
@@ -751,11 +807,13 @@ impl Bench {
         .await?;
         let cpu1 = self.procs.snap();
         let c1 = self.counters().await;
+        let a1 = self.api_snap().await;
         let records = BaseRecords::collect(&self.fleet);
         let mut phase = Phase {
             wall: cpu1.at.duration_since(cpu0.at),
             cpu: self.procs.usage(&cpu0, &cpu1),
             writes: map_diff(&c0.writes, &c1.writes),
+            api_latency: write_latencies(&a0, &a1),
             controller_rss_mib: status_mib(self.controller_pid, "VmRSS:").unwrap_or(f64::NAN),
             ..Phase::default()
         };
@@ -778,6 +836,7 @@ impl Bench {
         let (n, m) = (self.args.bases, self.args.modules);
         let want = n * m;
         let deps: Api<Deployment> = Api::namespaced(self.client.clone(), NS);
+        let a0 = self.api_snap().await;
         let c0 = self.counters().await;
         let cpu0 = self.procs.snap();
         let t0 = now_ms();
@@ -814,11 +873,13 @@ impl Bench {
         let old_gone = now_ms();
         let cpu1 = self.procs.snap();
         let c1 = self.counters().await;
+        let a1 = self.api_snap().await;
         let records = BaseRecords::collect(&self.fleet);
         let mut phase = Phase {
             wall: cpu1.at.duration_since(cpu0.at),
             cpu: self.procs.usage(&cpu0, &cpu1),
             writes: map_diff(&c0.writes, &c1.writes),
+            api_latency: write_latencies(&a0, &a1),
             controller_rss_mib: status_mib(self.controller_pid, "VmRSS:").unwrap_or(f64::NAN),
             old_gone: Some(elapsed_since(t0, old_gone)),
             ..Phase::default()
@@ -840,13 +901,13 @@ impl Bench {
             tokio::time::sleep(Duration::from_secs(self.args.settle_secs)).await;
         }
         eprintln!("steady-state window: {} s", self.args.steady_secs);
-        let a0 = apiserver_requests(&self.client).await?;
+        let a0 = apiserver_metrics(&self.client).await?;
         let c0 = self.counters().await;
         let cpu0 = self.procs.snap();
         tokio::time::sleep(Duration::from_secs(self.args.steady_secs)).await;
         let cpu1 = self.procs.snap();
         let c1 = self.counters().await;
-        let a1 = apiserver_requests(&self.client).await?;
+        let a1 = apiserver_metrics(&self.client).await?;
         let (not_ready, pod_changes) = {
             let b = self.book();
             let live: Vec<_> = b.pods.values().filter(|p| !p.gone).collect();
@@ -857,7 +918,8 @@ impl Bench {
             cpu: self.procs.usage(&cpu0, &cpu1),
             rss_mib: status_mib(self.controller_pid, "VmRSS:").unwrap_or(f64::NAN),
             hwm_mib: status_mib(self.controller_pid, "VmHWM:").unwrap_or(f64::NAN),
-            api: api_diff(&a0, &a1),
+            api: api_diff(&a0.requests, &a1.requests),
+            api_latency: write_latencies(&a0, &a1),
             writes: map_diff(&c0.writes, &c1.writes),
             write_errors: c1.write_errors - c0.write_errors,
             commands: map_diff(&c0.commands, &c1.commands),
@@ -874,6 +936,7 @@ struct Steady {
     rss_mib: f64,
     hwm_mib: f64,
     api: Vec<(String, String, f64)>,
+    api_latency: Vec<(String, f64, f64)>,
     writes: BTreeMap<String, f64>,
     write_errors: f64,
     commands: BTreeMap<String, f64>,
@@ -1091,6 +1154,19 @@ fn print_report(r: &Report<'_>) {
             .collect::<Vec<_>>()
             .join(", ")
     });
+    row(
+        "apiserver mean latency per write, all clients (count)",
+        &|p| {
+            if p.api_latency.is_empty() {
+                return "-".into();
+            }
+            p.api_latency
+                .iter()
+                .map(|(k, n, ms)| format!("{k} {ms:.0} ms ({n:.0})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
     row("controller RSS at the end", &|p| {
         format!("{:.0} MiB", p.controller_rss_mib)
     });
@@ -1130,6 +1206,9 @@ fn print_report(r: &Report<'_>) {
         "| controller RSS (peak over the run) | {:.1} MiB ({:.1} MiB) |",
         s.rss_mib, s.hwm_mib
     );
+    for (k, n, ms) in &s.api_latency {
+        println!("| apiserver mean latency: {k} ({n:.0}, all clients) | {ms:.1} ms |");
+    }
     println!();
     println!(
         "| apiserver writes, all clients (apiserver_request_total) | count | per base per minute |"
@@ -1143,12 +1222,7 @@ fn print_report(r: &Report<'_>) {
     for (verb, res, count) in &writes {
         println!("| {verb} {res} | {count:.0} | {:.3} |", per(*count));
     }
-    let reads: f64 = s
-        .api
-        .iter()
-        .filter(|(v, _, _)| !is_write(v))
-        .map(|x| x.2)
-        .sum();
+    let reads = total(s.api.iter().filter(|(v, _, _)| !is_write(v)).map(|x| x.2));
     println!(
         "| (reads: GET/LIST/WATCH, all clients) | {reads:.0} | {:.3} |",
         per(reads)
@@ -1172,19 +1246,20 @@ fn print_report(r: &Report<'_>) {
 
     let w = |k: &str| s.writes.get(k).copied().unwrap_or(0.0);
     let api_count = |verb_ok: &dyn Fn(&str) -> bool, res: &str| -> f64 {
-        s.api
-            .iter()
-            .filter(|(v, r, _)| verb_ok(v) && r == res)
-            .map(|x| x.2)
-            .sum()
+        total(
+            s.api
+                .iter()
+                .filter(|(v, r, _)| verb_ok(v) && r == res)
+                .map(|x| x.2),
+        )
     };
     let node_patches = api_count(&|v| v == "PATCH" || v == "APPLY" || v == "PUT", "nodes");
-    let pod_writes: f64 = s
-        .api
-        .iter()
-        .filter(|(v, r, _)| is_write(v) && (r == "pods" || r.starts_with("pods/")))
-        .map(|x| x.2)
-        .sum();
+    let pod_writes = total(
+        s.api
+            .iter()
+            .filter(|(v, r, _)| is_write(v) && (r == "pods" || r.starts_with("pods/")))
+            .map(|x| x.2),
+    );
     let node_status = api_count(&|v| is_write(v), "nodes/status");
     let worst = |p: &Phase, f: fn(&Phase) -> &Stats| f(p).p99;
     let big = r.create;
@@ -1472,6 +1547,23 @@ mod tests {
         assert_eq!(rows[1].2, 3.0);
         let rows = parse_prom(text, "module_controller_");
         assert_eq!(rows[0].1.get("kind").map(String::as_str), Some("lease"));
+    }
+
+    #[test]
+    fn write_latency_is_the_mean_between_snapshots() {
+        let key = ("PATCH".to_owned(), "pods/status".to_owned());
+        let snap = |secs: f64, n: f64| ApiSnap {
+            requests: ApiCounts::new(),
+            seconds: [(key.clone(), secs)].into_iter().collect(),
+            timed: [(key.clone(), n)].into_iter().collect(),
+        };
+        let l = write_latencies(&snap(1.0, 10.0), &snap(3.0, 30.0));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].0, "PATCH pods/status");
+        assert_eq!(l[0].1, 20.0);
+        assert!((l[0].2 - 100.0).abs() < 1e-9);
+        assert!(write_latencies(&snap(1.0, 10.0), &snap(1.0, 10.0)).is_empty());
+        assert_eq!(total(std::iter::empty()).to_string(), "0");
     }
 
     #[test]

@@ -380,7 +380,9 @@ impl BaseActor {
         for (module, owner) in self.ledger.retain(&decided, now) {
             info!(%module, %owner, "keeping the base's last instance until its replacement is active (rollout in progress)");
         }
-        for (cmd, attempts) in self.ledger.commands(&decided, now) {
+        let commands = self.ledger.commands(&decided, now);
+        let sent_any = !commands.is_empty();
+        for (cmd, attempts) in commands {
             if attempts > 1 {
                 self.fx.count_retry(&cmd);
             }
@@ -402,11 +404,15 @@ impl BaseActor {
                 .report_uninstall_failure(&self.bound.pods, &key, &message)
                 .await;
         }
-        for (uid, st) in self
-            .fx
-            .write_statuses(&self.bound.pods, decided.statuses)
-            .await
-        {
+        // The statuses of the plan were decided before its commands went out: a pod whose
+        // install was just sent would be written "pending" and then at once "installing".
+        // With the commands now in flight, the statuses are decided again.
+        let statuses = if sent_any {
+            plan::plan(&self.plan_input(alive, now, &wanted)).statuses
+        } else {
+            decided.statuses
+        };
+        for (uid, st) in self.fx.write_statuses(&self.bound.pods, statuses).await {
             if let Some(p) = self.bound.pods.get_mut(&uid) {
                 p.status = Some(st);
             }

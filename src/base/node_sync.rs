@@ -207,7 +207,9 @@ impl NodeSync {
             NodeReadiness::NotReady
         };
         let status = shape::status(&input, readiness, self.ready_since.clone(), now_time());
-        let status = (apply.is_some()
+        // A Node being created (or re-created) needs its status; an apply that only changes
+        // metadata (e.g. the module URLs annotation) leaves the status as it was.
+        let status = (self.node_uid.is_none()
             || stale
             || self
                 .status
@@ -233,9 +235,12 @@ impl NodeSync {
 
     /// The Node was applied.
     pub fn node_applied(&mut self, node: Node, uid: Option<String>) {
+        // Another object (first apply, or re-created after a deletion): its status is unknown.
+        if uid.is_none() || uid != self.node_uid {
+            self.status = None;
+        }
         self.node_uid = uid;
         self.applied = Some(node);
-        self.status = None;
     }
 
     /// The Node status was written.
@@ -323,6 +328,34 @@ mod tests {
         assert_eq!(w, NodeWrites::default(), "nothing changed, nothing due");
         let w = n.due(&P, true, t0 + LEASE);
         assert!(w.lease && w.apply.is_none() && w.status.is_none());
+    }
+
+    #[test]
+    fn a_metadata_change_applies_the_node_without_rewriting_its_status() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        n.on_heartbeat(hb(BaseLifecycle::Activated), t0);
+        let w = n.due(&P, true, t0);
+        n.node_applied(w.apply.expect("apply"), Some("uid".into()));
+        n.status_written(w.status.expect("status"), t0);
+        n.lease_renewed(t0);
+        // New module URLs to record: the Node is applied again, its status is unchanged.
+        n.touch();
+        let urls = VNodeParams {
+            module_urls: r#"{"biz1@1.0.0":"https://x/biz1.jar"}"#,
+            ..P
+        };
+        let t1 = t0 + Duration::from_millis(100);
+        let w = n.due(&urls, true, t1);
+        assert!(w.apply.is_some() && w.status.is_none() && !w.lease, "{w:?}");
+        n.node_applied(w.apply.expect("apply"), Some("uid".into()));
+        n.settled();
+        assert_eq!(n.due(&urls, true, t1), NodeWrites::default());
+        // The Node was re-created by someone else (new uid): its status is written again.
+        n.touch();
+        let w = n.due(&P, true, t1);
+        n.node_applied(w.apply.expect("apply"), Some("uid2".into()));
+        assert!(n.due(&P, true, t1).status.is_some());
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub struct ControlPlaneOptions {
     pub pod_eviction_timeout: Duration,
     /// Appended last to kube-controller-manager's arguments, so they override the defaults.
     pub extra_controller_manager_args: Vec<String>,
+    /// Appended last to kube-scheduler's arguments, so they override the defaults (e.g. a
+    /// higher `--kube-api-qps` for benchmarks).
+    pub extra_scheduler_args: Vec<String>,
+    /// Appended last to kube-apiserver's arguments (e.g. `--max-requests-inflight`).
+    pub extra_apiserver_args: Vec<String>,
     /// Directory for data, certificates and logs; kept after stop. `None`: a fresh temp
     /// dir, removed on stop unless `MC_KEEP_TEST_DIRS=1`.
     pub data_dir: Option<PathBuf>,
@@ -63,6 +68,8 @@ impl Default for ControlPlaneOptions {
             node_monitor_grace_period: Duration::from_secs(8),
             pod_eviction_timeout: Duration::from_secs(10),
             extra_controller_manager_args: Vec::new(),
+            extra_scheduler_args: Vec::new(),
+            extra_apiserver_args: Vec::new(),
             data_dir: None,
         }
     }
@@ -390,7 +397,7 @@ async fn start_local(
     owned.processes.push(spawn(
         &bins.kube_apiserver,
         "kube-apiserver",
-        &apiserver_args(&layout),
+        &with_extra(apiserver_args(&layout), &opts.extra_apiserver_args),
         &layout,
     )?);
     let api_url = format!("https://127.0.0.1:{}", layout.api_port);
@@ -406,7 +413,7 @@ async fn start_local(
     owned.processes.push(spawn(
         &bins.kube_scheduler,
         "kube-scheduler",
-        &scheduler_args(&kubeconfig_path),
+        &with_extra(scheduler_args(&kubeconfig_path), &opts.extra_scheduler_args),
         &layout,
     )?);
     owned.processes.push(spawn(
@@ -454,6 +461,12 @@ fn spawn(
     let mut command = Command::new(program);
     command.args(args).current_dir(&layout.dir);
     ManagedProcess::spawn(name, command, &layout.log(name))
+}
+
+/// `args` followed by `extra` (later flags override earlier ones in Kubernetes components).
+fn with_extra(mut args: Vec<String>, extra: &[String]) -> Vec<String> {
+    args.extend(extra.iter().cloned());
+    args
 }
 
 /// A Go duration flag value; milliseconds keep sub-second options exact.
@@ -743,6 +756,8 @@ mod tests {
             node_monitor_grace_period: Duration::from_millis(500),
             pod_eviction_timeout: Duration::from_secs(30),
             extra_controller_manager_args: vec!["--node-monitor-period=1s".into()],
+            extra_scheduler_args: Vec::new(),
+            extra_apiserver_args: Vec::new(),
             data_dir: None,
         };
         let args = controller_manager_args(Path::new("/k"), &layout(), &opts);
@@ -756,6 +771,16 @@ mod tests {
             args.iter()
                 .any(|a| a.starts_with("--controllers=*,-serviceaccount-token"))
         );
+    }
+
+    #[test]
+    fn extra_scheduler_and_apiserver_args_come_last() {
+        let extra = ["--kube-api-qps=1000".to_owned()];
+        let args = with_extra(scheduler_args(Path::new("/k")), &extra);
+        assert!(args.contains(&"--kube-api-qps=200".to_owned()));
+        assert_eq!(args.last().map(String::as_str), Some("--kube-api-qps=1000"));
+        let args = with_extra(apiserver_args(&layout()), &[]);
+        assert_eq!(args, apiserver_args(&layout()));
     }
 
     #[test]

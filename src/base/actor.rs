@@ -181,7 +181,14 @@ impl BaseActor {
                         self.handle(m);
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // After a long step both branches may be ready and `select!` picks one at
+                    // random: what waits in the inbox (a heartbeat) is heard before liveness is
+                    // judged, or a busy task would find its live base silent.
+                    while let Ok(m) = rx.try_recv() {
+                        self.handle(m);
+                    }
+                }
             }
             if let Some(exit) = self.step().await {
                 return exit;

@@ -177,7 +177,14 @@ impl BaseActor {
                     let Some(m) = m else { return ActorExit::Stopped };
                     self.handle(m);
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // After a long step both branches may be ready and `select!` picks one at
+                    // random: what waits in the inbox (a heartbeat) is heard before liveness is
+                    // judged, or a busy task would find its live base silent.
+                    while let Ok(m) = rx.try_recv() {
+                        self.handle(m);
+                    }
+                }
             }
             // Everything that arrived, before deciding, whichever branch woke us: a step can
             // take long (its apiserver writes wait their turn behind every other base's), and

@@ -461,7 +461,13 @@ impl Index {
         let mut set: HashSet<String> = self
             .owners
             .iter()
-            .filter(|(_, pods)| pods.values().collect::<HashSet<_>>().len() > 1)
+            // More than one template revision among its live pods (no set built: this runs
+            // on every pod event).
+            .filter(|(_, pods)| {
+                let mut revisions = pods.values();
+                let first = revisions.next();
+                revisions.any(|r| Some(r) != first)
+            })
             .map(|(o, _)| o.clone())
             .collect();
         set.extend(
@@ -501,16 +507,39 @@ impl Index {
     /// Asks for an evaluation of one owner's batch policy. Its pods that no evaluation has
     /// decided on yet are held meanwhile.
     fn gate_owner(&mut self, owner: &str, now: Instant, out: &mut Vec<Out>) {
+        let summary = self.summaries.get(owner);
+        let policy = summary
+            .and_then(|d| self.policies.batch_policy(&d.annotations))
+            .filter(|p| !is_admit_all(p.as_ref()));
+        if policy.is_none() {
+            // Nothing to evaluate (this runs on every pod event of the owner): release what an
+            // earlier policy held, without building the owner's whole pod list each time.
+            let _ = self
+                .gates
+                .request(owner, None, Vec::new(), 0, &BTreeMap::new(), now);
+            if self.sent_holds.is_empty() && self.decided_pods.is_empty() {
+                return;
+            }
+            let uids: Vec<String> = self
+                .owners
+                .get(owner)
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .filter(|u| self.sent_holds.contains_key(*u) || self.decided_pods.contains(*u))
+                .cloned()
+                .collect();
+            for uid in uids {
+                self.decided_pods.remove(&uid);
+                self.set_hold(&uid, None, out);
+            }
+            return;
+        }
         let mut uids: Vec<(String, Option<String>)> = self
             .owners
             .get(owner)
             .map(|m| m.iter().map(|(u, h)| (u.clone(), h.clone())).collect())
             .unwrap_or_default();
         uids.sort();
-        let summary = self.summaries.get(owner);
-        let policy = summary
-            .and_then(|d| self.policies.batch_policy(&d.annotations))
-            .filter(|p| !is_admit_all(p.as_ref()));
         let policy_name = policy.as_ref().map(|p| p.name().to_string());
         let pods: Vec<GatePod> = uids
             .iter()

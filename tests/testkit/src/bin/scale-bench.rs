@@ -108,6 +108,8 @@ struct PodRec {
     bound_ms: Option<u64>,
     ready_ms: Option<u64>,
     ready_now: bool,
+    /// Times it went from Ready to not Ready while not being deleted.
+    flaps: u32,
     gone: bool,
 }
 
@@ -163,7 +165,11 @@ fn observe(book: &Mutex<Book>, ev: watcher::Event<Pod>) {
                 rec.node = Some(node);
                 rec.bound_ms = Some(at);
             }
-            rec.ready_now = is_ready(&pod);
+            let ready = is_ready(&pod);
+            if rec.ready_now && !ready && pod.metadata.deletion_timestamp.is_none() {
+                rec.flaps += 1;
+            }
+            rec.ready_now = ready;
             if rec.ready_now && rec.ready_ms.is_none() {
                 rec.ready_ms = Some(at);
             }
@@ -550,6 +556,8 @@ struct CtlCounters {
     writes: BTreeMap<String, f64>,
     write_errors: f64,
     commands: BTreeMap<String, f64>,
+    /// Messages from bases the controller dropped, by tunnel and reason (queue full, stale…).
+    dropped: BTreeMap<String, f64>,
 }
 
 async fn controller_counters(http: &reqwest::Client, addr: &str) -> anyhow::Result<CtlCounters> {
@@ -571,6 +579,19 @@ async fn controller_counters(http: &reqwest::Client, addr: &str) -> anyhow::Resu
             "module_controller_base_commands_total" => {
                 *c.commands
                     .entry(format!("{} {}", get("command"), get("result")))
+                    .or_default() += value;
+            }
+            "module_controller_mqtt_messages_received_total"
+            | "module_controller_http_messages_received_total"
+                if get("result") != "ok" =>
+            {
+                let tunnel = if name.contains("mqtt") {
+                    "mqtt"
+                } else {
+                    "http"
+                };
+                *c.dropped
+                    .entry(format!("{tunnel} {}", get("result")))
                     .or_default() += value;
             }
             _ => {}
@@ -647,6 +668,10 @@ struct Phase {
     reply_to_ready: Stats,
     installs_per_pod: f64,
     missing_install: usize,
+    /// Pods of this phase's version that went Ready → not Ready (none should).
+    flapped_pods: usize,
+    /// Messages from bases the controller dropped during the phase.
+    dropped: BTreeMap<String, f64>,
     cpu: Vec<(String, f64)>,
     writes: BTreeMap<String, f64>,
     /// (verb resource, count, mean apiserver latency in ms), all clients.
@@ -706,6 +731,7 @@ fn latencies(
     phase.install_to_reply = stats(i2r);
     phase.reply_to_ready = stats(r2r);
     phase.installs_per_pod = installs as f64 / pods.max(1) as f64;
+    phase.flapped_pods = book.live(version).filter(|p| p.flaps > 0).count();
 }
 
 struct Bench {
@@ -813,6 +839,7 @@ impl Bench {
             wall: cpu1.at.duration_since(cpu0.at),
             cpu: self.procs.usage(&cpu0, &cpu1),
             writes: map_diff(&c0.writes, &c1.writes),
+            dropped: map_diff(&c0.dropped, &c1.dropped),
             api_latency: write_latencies(&a0, &a1),
             controller_rss_mib: status_mib(self.controller_pid, "VmRSS:").unwrap_or(f64::NAN),
             ..Phase::default()
@@ -879,6 +906,7 @@ impl Bench {
             wall: cpu1.at.duration_since(cpu0.at),
             cpu: self.procs.usage(&cpu0, &cpu1),
             writes: map_diff(&c0.writes, &c1.writes),
+            dropped: map_diff(&c0.dropped, &c1.dropped),
             api_latency: write_latencies(&a0, &a1),
             controller_rss_mib: status_mib(self.controller_pid, "VmRSS:").unwrap_or(f64::NAN),
             old_gone: Some(elapsed_since(t0, old_gone)),
@@ -923,6 +951,7 @@ impl Bench {
             writes: map_diff(&c0.writes, &c1.writes),
             write_errors: c1.write_errors - c0.write_errors,
             commands: map_diff(&c0.commands, &c1.commands),
+            dropped: map_diff(&c0.dropped, &c1.dropped),
             not_ready,
             live_pods: pod_changes,
         })
@@ -940,6 +969,7 @@ struct Steady {
     writes: BTreeMap<String, f64>,
     write_errors: f64,
     commands: BTreeMap<String, f64>,
+    dropped: BTreeMap<String, f64>,
     not_ready: usize,
     live_pods: usize,
 }
@@ -1146,6 +1176,19 @@ fn print_report(r: &Report<'_>) {
     row("pods without an install record", &|p| {
         p.missing_install.to_string()
     });
+    row("pods of this version that went Ready → not Ready", &|p| {
+        p.flapped_pods.to_string()
+    });
+    row("messages from bases dropped by the controller", &|p| {
+        if p.dropped.is_empty() {
+            return "0".into();
+        }
+        p.dropped
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
     row("controller writes per pod (ok)", &|p| {
         let pods = p.pods.max(1) as f64;
         p.writes
@@ -1241,6 +1284,12 @@ fn print_report(r: &Report<'_>) {
     println!("| write errors | {:.0} | |", s.write_errors);
     for (k, v) in &s.commands {
         println!("| command {k} | {v:.0} | {:.3} |", per(*v));
+    }
+    for (k, v) in &s.dropped {
+        println!(
+            "| messages from bases dropped: {k} | {v:.0} | {:.3} |",
+            per(*v)
+        );
     }
     println!();
 

@@ -134,7 +134,8 @@ pub struct RunArgs {
           value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub mqtt_tls_insecure_skip_verify: bool,
 
-    /// Maximum concurrent apiserver writes across all VNodes.
+    /// Module writes (pod statuses, pod removals) in flight at once per VNode, as the
+    /// reference's per-VNode workers.
     #[arg(
         long = "vnode-worker-num",
         env = "VNODE_WORKER_NUM",

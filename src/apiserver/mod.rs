@@ -24,9 +24,16 @@ pub use events::EventSink;
 /// Field manager of every write (server-side apply and patches).
 pub const MANAGER: &str = "module-controller";
 
-/// Node and Lease writes in flight at once. Separate from `VNODE_WORKER_NUM` (which bounds
-/// module work) so that a burst of pod writes never delays a base's heartbeat, and the reverse.
-const NODE_WRITE_LIMIT: usize = 16;
+/// Node and Lease writes in flight at once across all VNodes. Separate from the pod writes so
+/// that a burst of them never delays a base's Lease, and the reverse. At 1,000 bases the
+/// Leases alone are 100 writes a second; at 100–300 ms each that keeps 10–30 in flight.
+const NODE_WRITE_LIMIT: usize = 48;
+
+/// Module work (pod status writes, pod removals, pod Events) in flight at once across all
+/// VNodes: a guard that keeps a burst (a restart that rewrites every pod) from flooding the
+/// apiserver, far above what a steady stream of pods needs, so that no pod waits behind other
+/// bases' pods. Each VNode has its own `VNODE_WORKER_NUM` within it.
+const MODULE_WRITE_LIMIT: usize = 64;
 
 /// Longest wait for the apiserver's answer to one write. A frozen or partitioned apiserver
 /// keeps connections open and answers nothing; without a deadline a base task (and the write
@@ -103,9 +110,11 @@ impl ApiMetrics {
 pub struct Api {
     /// The client.
     pub client: kube::Client,
-    /// `VNODE_WORKER_NUM`: module work (pod status writes, pod deletions, pod Events) in
-    /// flight at once across all VNodes; the reference's "concurrent module processing".
+    /// Module work in flight at once across all VNodes ([`MODULE_WRITE_LIMIT`]).
     module_writes: Arc<Semaphore>,
+    /// `VNODE_WORKER_NUM`: a VNode's own module writes in flight at once, as the reference's
+    /// per-VNode workers.
+    base_workers: usize,
     node_writes: Arc<Semaphore>,
     metrics: ApiMetrics,
     events: EventSink,
@@ -115,17 +124,18 @@ pub struct Api {
 }
 
 impl Api {
-    /// Builds the writer context; `module_workers` is `VNODE_WORKER_NUM`.
+    /// Builds the writer context; `base_workers` is `VNODE_WORKER_NUM`.
     pub fn new(
         client: kube::Client,
-        module_workers: usize,
+        base_workers: usize,
         instance: &str,
         metrics: ApiMetrics,
     ) -> Self {
         Api {
             events: EventSink::new(client.clone(), instance),
             client,
-            module_writes: Arc::new(Semaphore::new(module_workers.max(1))),
+            module_writes: Arc::new(Semaphore::new(MODULE_WRITE_LIMIT)),
+            base_workers: base_workers.max(1),
             node_writes: Arc::new(Semaphore::new(NODE_WRITE_LIMIT)),
             metrics,
             reachable: Arc::new(AtomicBool::new(true)),
@@ -153,6 +163,11 @@ impl Api {
                 WRITE_DEADLINE.as_secs()
             ))),
         }
+    }
+
+    /// How many of one VNode's module writes may be in flight at once (`VNODE_WORKER_NUM`).
+    pub fn base_workers(&self) -> usize {
+        self.base_workers
     }
 
     /// The write counters.

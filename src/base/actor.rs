@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::base::effects::{Effects, EffectsDeps};
+use crate::base::effects::{Effects, EffectsDeps, NodeJobDone, PodJobDone};
 use crate::base::ledger::ModuleLedger;
 use crate::base::msg::BaseMsg;
 use crate::base::node_sync::{NodeSync, VNodeParams, Verdict};
@@ -27,6 +28,11 @@ use crate::vpod::status::Note;
 
 /// How often a base task plans when nothing changed.
 const IDLE_REPLAN: Duration = Duration::from_secs(2);
+
+/// How long after an install is sent the pod's "installing" status waits for the module to
+/// start: a module that starts within it goes from Pending straight to Running, in one status
+/// write instead of two (the apiserver's pod writes are what a large fleet waits for).
+const EXECUTING_GRACE: Duration = Duration::from_secs(1);
 
 /// Settings every base task shares.
 #[derive(Debug, Clone)]
@@ -141,6 +147,12 @@ pub struct BaseActor {
     last_plan: Option<Instant>,
     /// The module URLs last recorded for the VNode, and the ledger version they are from.
     urls: (u64, String),
+    /// The pod writes in flight (at most one job: its waves keep NotReady before Ready).
+    pod_job: Option<JoinHandle<PodJobDone>>,
+    /// The VNode writes in flight.
+    node_job: Option<JoinHandle<NodeJobDone>>,
+    /// Until when "installing" statuses wait for the modules just asked for to start.
+    executing_grace: Option<Instant>,
 }
 
 impl BaseActor {
@@ -163,6 +175,9 @@ impl BaseActor {
             dirty: true,
             last_plan: None,
             urls: (u64::MAX, String::new()),
+            pod_job: None,
+            node_job: None,
+            executing_grace: None,
             settings,
         }
     }
@@ -176,6 +191,29 @@ impl BaseActor {
                 m = rx.recv() => {
                     let Some(m) = m else { return ActorExit::Stopped };
                     self.handle(m);
+                }
+                done = join(&mut self.pod_job) => {
+                    if let Some(done) = done {
+                        let (written, removed) = self.fx.pod_job_done(&self.bound.pods, done);
+                        for (uid, st) in written {
+                            if let Some(p) = self.bound.pods.get_mut(&uid) {
+                                p.status = Some(st);
+                            }
+                        }
+                        for uid in removed {
+                            self.bound.pods.remove(&uid);
+                        }
+                    }
+                    self.dirty = true;
+                }
+                done = join(&mut self.node_job) => {
+                    if let Some(done) = done {
+                        self.fx.node_job_done(&mut self.node, done);
+                    }
+                }
+                _ = sleep_until(self.executing_grace) => {
+                    self.executing_grace = None;
+                    self.dirty = true;
                 }
                 _ = tick.tick() => {
                     // After a long step both branches may be ready and `select!` picks one at
@@ -306,6 +344,8 @@ impl BaseActor {
             }
             TunnelEvent::ModuleList(list) => {
                 self.node.seen(now);
+                // What the base runs is known now: nothing left to wait for.
+                self.executing_grace = None;
                 self.ledger.on_module_list(list, now, timeout);
             }
             TunnelEvent::Operation(r) => {
@@ -389,6 +429,12 @@ impl BaseActor {
         }
         let commands = self.ledger.commands(&decided, now);
         let sent_any = !commands.is_empty();
+        if commands
+            .iter()
+            .any(|(c, _)| matches!(c, BaseCommand::Install(_) | BaseCommand::Reinstall(_)))
+        {
+            self.executing_grace.get_or_insert(now + EXECUTING_GRACE);
+        }
         for (cmd, attempts) in commands {
             if attempts > 1 {
                 self.fx.count_retry(&cmd);
@@ -411,18 +457,20 @@ impl BaseActor {
                 .report_uninstall_failure(&self.bound.pods, &key, &message)
                 .await;
         }
+        if self.pod_job.is_some() {
+            // Decided again once the writes in flight are through.
+            return;
+        }
         // The statuses of the plan were decided before its commands went out: a pod whose
         // install was just sent would be written "pending" and then at once "installing".
         // With the commands now in flight, the statuses are decided again.
-        let statuses = if sent_any {
+        let mut statuses = if sent_any {
             plan::plan(&self.plan_input(alive, now, &wanted)).statuses
         } else {
             decided.statuses
         };
-        for (uid, st) in self.fx.write_statuses(&self.bound.pods, statuses).await {
-            if let Some(p) = self.bound.pods.get_mut(&uid) {
-                p.status = Some(st);
-            }
+        if self.executing_grace.is_some_and(|t| now < t) {
+            statuses.retain(|(_, st)| !only_installing(st));
         }
         for uid in &decided.delete_pods {
             let Some(p) = self.bound.pods.get(uid) else {
@@ -443,12 +491,11 @@ impl BaseActor {
                 .collect();
             debug!(pod = %p.name, modules = ?left, alive, ?wanted, "pod leaves the base");
         }
-        for uid in self
+        let job = self
             .fx
-            .delete_pods(&self.bound.pods, &decided.delete_pods)
-            .await
-        {
-            self.bound.pods.remove(&uid);
+            .pod_job(&self.bound.pods, statuses, &decided.delete_pods);
+        if !job.is_empty() {
+            self.pod_job = Some(tokio::spawn(job.run()));
         }
     }
 
@@ -465,11 +512,16 @@ impl BaseActor {
             lease_every: self.settings.lease_renew,
             module_urls: &self.urls.1,
         };
+        if self.node_job.is_some() {
+            return;
+        }
         let writes = self.node.due(&params, alive, now);
-        let quiet = writes.apply.is_none() && writes.status.is_none();
-        self.fx.write_node(&mut self.node, writes, now).await;
-        if quiet {
+        if writes.apply.is_none() && writes.status.is_none() {
             self.node.settled();
+        }
+        let job = self.fx.node_job(&self.node, writes, now);
+        if !job.is_empty() {
+            self.node_job = Some(tokio::spawn(job.run()));
         }
     }
 
@@ -579,9 +631,57 @@ impl BaseActor {
     }
 
     async fn finish(&mut self, exit: ActorExit, reason: &str) -> ActorExit {
+        // The VNode and its pods go: what was being written of them no longer matters.
+        for job in [
+            self.pod_job.take().map(|j| j.abort_handle()),
+            self.node_job.take().map(|j| j.abort_handle()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            job.abort();
+        }
         self.fx.remove_vnode(&self.bound.pods, reason).await;
         exit
     }
+}
+
+/// The outcome of a job in flight; pending while there is none. The slot is emptied when the
+/// job ends (`None` if it panicked or was aborted: nothing it did is known).
+async fn join<T>(slot: &mut Option<JoinHandle<T>>) -> Option<T> {
+    let Some(job) = slot.as_mut() else {
+        return std::future::pending().await;
+    };
+    let r = job.await;
+    *slot = None;
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(error = %e, "a write job of the base task did not finish");
+            None
+        }
+    }
+}
+
+/// Fires at `at`; pending while there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a status says no more than that its modules are being installed.
+fn only_installing(st: &k8s_openapi::api::core::v1::PodStatus) -> bool {
+    let containers = st.container_statuses.as_deref().unwrap_or_default();
+    !containers.is_empty()
+        && containers.iter().all(|c| {
+            c.state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                == Some(crate::vpod::status::INSTALL_EXECUTING)
+        })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::future::join_all;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::PodStatus;
 use tracing::{debug, info, warn};
 
@@ -114,113 +114,131 @@ impl Effects {
         self.metrics.count(cmd.kind(), "retry");
     }
 
-    /// Writes status changes in waves: every write of a wave is acknowledged before the next
-    /// wave starts, every NotReady write comes before any Ready one, and a failed wave stops
-    /// the later ones (they are retried next time, in the same order). Returns what was written.
+    /// Writes status changes in waves and returns what was written: the pod job of `statuses`
+    /// (see [`Effects::pod_job`]), run to the end on this task.
     pub async fn write_statuses(
         &mut self,
         pods: &BTreeMap<String, PodInfo>,
         statuses: Vec<(String, PodStatus)>,
     ) -> Vec<(String, PodStatus)> {
-        let statuses: Vec<(String, PodStatus)> = statuses
-            .into_iter()
-            .filter(|(uid, _)| pods.contains_key(uid))
-            .collect();
-        let changes: Vec<StatusChange> = statuses
+        let job = self.pod_job(pods, statuses, &[]);
+        let done = job.run().await;
+        self.pod_job_done(pods, done).0
+    }
+
+    /// The pod writes of one plan, as a job that needs nothing of this task and so can run
+    /// off it (commands to the base never wait for the apiserver): status changes in waves,
+    /// where every write of a wave is acknowledged before the next wave starts, every NotReady
+    /// write comes before any Ready one, and a failed wave stops the later ones (they are
+    /// retried next time, in the same order); then the removals of pods whose modules are gone.
+    /// Objects whose writes are failing wait out their backoff. Its outcome goes to
+    /// [`Effects::pod_job_done`].
+    pub fn pod_job(
+        &self,
+        pods: &BTreeMap<String, PodInfo>,
+        statuses: Vec<(String, PodStatus)>,
+        deletes: &[String],
+    ) -> PodJob {
+        let now = Instant::now();
+        let mut writes = Vec::new();
+        let mut changes = Vec::new();
+        for (uid, st) in statuses {
+            let Some(p) = pods.get(&uid) else { continue };
+            changes.push(StatusChange {
+                pod_index: writes.len() as u32,
+                creation_ts: p.creation_ts,
+                revision: p.revision,
+                from_ready: is_ready(p.status.as_ref()),
+                to_ready: is_ready(Some(&st)),
+                deleting: p.deleting,
+            });
+            writes.push(PodWrite {
+                ready: self.backoff.ready(&pod_write_key(&uid), now),
+                uid,
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                status: st,
+            });
+        }
+        let removals = deletes
             .iter()
-            .enumerate()
-            .map(|(i, (uid, st))| {
-                let p = &pods[uid];
-                StatusChange {
-                    pod_index: i as u32,
-                    creation_ts: p.creation_ts,
-                    revision: p.revision,
-                    from_ready: is_ready(p.status.as_ref()),
-                    to_ready: is_ready(Some(st)),
-                    deleting: p.deleting,
-                }
+            .filter_map(|uid| pods.get(uid))
+            .filter(|p| self.backoff.ready(&pod_delete_key(&p.uid), now))
+            .map(|p| {
+                info!(pod = %pod_key(&p.pod), "modules gone; removing pod");
+                (p.uid.clone(), p.namespace.clone(), p.name.clone())
             })
             .collect();
-        let waves = self.waves(changes.clone()).await;
+        PodJob {
+            api: self.api.clone(),
+            order: self.order,
+            policies: self.policies.clone(),
+            pool: self.pool.clone(),
+            writes,
+            changes,
+            removals,
+        }
+    }
+
+    /// Records what a pod job achieved (backoff of what failed, Events for the problems its
+    /// statuses show) and returns the statuses written and the pods removed.
+    pub fn pod_job_done(
+        &mut self,
+        pods: &BTreeMap<String, PodInfo>,
+        done: PodJobDone,
+    ) -> (Vec<(String, PodStatus)>, Vec<String>) {
+        let now = Instant::now();
         let mut written = Vec::new();
-        for wave in waves {
-            let now = Instant::now();
-            // A pod whose writes are failing waits out its backoff; the waves after it wait too.
-            let (ready, waiting): (Vec<usize>, Vec<usize>) = wave
-                .iter()
-                .partition(|&&i| self.backoff.ready(&pod_write_key(&statuses[i].0), now));
-            let writes = ready.iter().map(|&i| {
-                let (uid, st) = &statuses[i];
-                let p = &pods[uid];
-                let api = self.api.clone();
-                async move { api.patch_pod_status(&p.namespace, &p.name, st).await }
+        for (uid, status, r) in done.statuses {
+            let key = pod_write_key(&uid);
+            match r {
+                Ok(()) => {
+                    debug!(%uid, ready = is_ready(Some(&status)), "pod status written");
+                    self.backoff.succeeded(&key, "pod status write");
+                    written.push((uid, status));
+                }
+                Err(e) => self.backoff.failed(&key, "pod status write", &e, now),
+            }
+        }
+        let mut removed = Vec::new();
+        for (uid, r) in done.removals {
+            match r {
+                Ok(()) => {
+                    self.forget_pod(&uid);
+                    removed.push(uid);
+                }
+                Err(e) => self
+                    .backoff
+                    .failed(&pod_delete_key(&uid), "pod removal", &e, now),
+            }
+        }
+        let notices: Vec<_> = written
+            .iter()
+            .flat_map(|(uid, st)| self.problems(pods, uid, st))
+            .collect();
+        if !notices.is_empty() {
+            // Events are best effort and never hold up the base task.
+            let api = self.api.clone();
+            tokio::spawn(async move {
+                for (object, notice) in notices {
+                    api.event(&object, notice).await;
+                }
             });
-            let results = join_all(writes).await;
-            let mut failed = !waiting.is_empty();
-            for (&i, r) in ready.iter().zip(results) {
-                let (uid, st) = &statuses[i];
-                let key = pod_write_key(uid);
-                match r {
-                    Ok(()) => {
-                        debug!(pod = %pod_key(&pods[uid].pod), ready = is_ready(Some(st)), "pod status written");
-                        self.backoff.succeeded(&key, "pod status write");
-                        written.push((uid.clone(), st.clone()));
-                    }
-                    Err(e) => {
-                        failed = true;
-                        self.backoff
-                            .failed(&key, "pod status write", &e, Instant::now());
-                    }
-                }
-            }
-            if failed {
-                // The next wave may make a pod Ready; it must wait until this one is through.
-                break;
-            }
         }
-        for (uid, st) in &written {
-            self.report_problems(pods, uid, st).await;
-        }
-        written
+        (written, removed)
     }
 
-    /// The waves the ordering rule proposes, checked (`order_with` enforces the invariant);
-    /// a plugin rule runs on the plugin pool, never on this task's thread.
-    async fn waves(&self, changes: Vec<StatusChange>) -> Waves {
-        match self.order {
-            StatusOrder::Lossless => {
-                let rule = self.policies.ordering();
-                let name = rule.name().to_string();
-                let (waves, err) = match &self.pool {
-                    None => order_with(rule.as_ref(), &changes),
-                    Some(pool) => {
-                        let c = changes.clone();
-                        match offload::run(pool.as_ref(), move || order_with(rule.as_ref(), &c))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(e) => (default_waves(&changes), Some(OrderingError::RuleFailed(e))),
-                        }
-                    }
-                };
-                if let Some(e) = err {
-                    warn!(rule = %name, error = %e, "ordering rule overruled; built-in order used");
-                }
-                waves
-            }
-            #[cfg(feature = "test-switches")]
-            StatusOrder::UnsafeReadyFirst => default_waves(&changes).into_iter().rev().collect(),
-        }
-    }
-
-    /// Publishes an Event for every container problem a user must see, once per distinct problem.
-    async fn report_problems(
+    /// The Events for every container problem a user must see, once per distinct problem.
+    fn problems(
         &mut self,
         pods: &BTreeMap<String, PodInfo>,
         uid: &str,
         st: &PodStatus,
-    ) {
-        let Some(p) = pods.get(uid) else { return };
+    ) -> Vec<(k8s_openapi::api::core::v1::ObjectReference, Notice)> {
+        let Some(p) = pods.get(uid) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
         for c in st.container_statuses.iter().flatten() {
             let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
                 continue;
@@ -252,11 +270,10 @@ impl Effects {
                     action: "InstallModule".into(),
                     note: format!("module {} on base {}: {message}", c.name, self.base_id),
                 };
-                self.api
-                    .event(&apiserver::object_ref(p.pod.as_ref()), notice)
-                    .await;
+                out.push((apiserver::object_ref(p.pod.as_ref()), notice));
             }
         }
+        out
     }
 
     /// Tells the pod's users that its module is replaced in place (same name and version, new
@@ -328,63 +345,61 @@ impl Effects {
         pods: &BTreeMap<String, PodInfo>,
         uids: &[String],
     ) -> Vec<String> {
-        let mut removed = Vec::new();
-        for uid in uids {
-            let Some(p) = pods.get(uid) else { continue };
-            let key = pod_delete_key(uid);
-            if !self.backoff.ready(&key, Instant::now()) {
-                continue;
-            }
-            info!(pod = %pod_key(&p.pod), "modules gone; removing pod");
-            match self.api.delete_pod_now(&p.namespace, &p.name, uid).await {
-                Ok(()) => {
-                    self.forget_pod(uid);
-                    removed.push(uid.clone());
-                }
-                Err(e) => self.backoff.failed(&key, "pod removal", &e, Instant::now()),
-            }
-        }
-        removed
+        let done = self.pod_job(pods, Vec::new(), uids).run().await;
+        self.pod_job_done(pods, done).1
     }
 
     /// Performs the VNode writes that are due and records what succeeded.
     pub async fn write_node(&self, node: &mut NodeSync, writes: NodeWrites, now: Instant) {
-        if let Some(desired) = writes.apply {
-            match self.api.apply_node(&desired).await {
-                Ok(uid) => {
-                    if !node.applied_once() {
-                        info!(node = %self.node_name, "VNode applied");
-                    }
-                    node.node_applied(desired, uid);
+        let done = self.node_job(node, writes, now).run().await;
+        self.node_job_done(node, done);
+    }
+
+    /// The VNode writes that are due, as a job that can run off the base task (a Lease
+    /// renewal never holds up a pod's install or status); its outcome goes to
+    /// [`Effects::node_job_done`].
+    pub fn node_job(&self, node: &NodeSync, writes: NodeWrites, now: Instant) -> NodeJob {
+        NodeJob {
+            api: self.api.clone(),
+            node_name: self.node_name.clone(),
+            node_uid: node.node_uid().map(str::to_string),
+            writes,
+            started: now,
+        }
+    }
+
+    /// Records what a VNode job achieved.
+    pub fn node_job_done(&self, node: &mut NodeSync, done: NodeJobDone) {
+        let now = done.started;
+        match done.applied {
+            None => {}
+            Some(Ok((desired, uid))) => {
+                if !node.applied_once() {
+                    info!(node = %self.node_name, "VNode applied");
                 }
-                Err(e) => {
-                    warn!(node = %self.node_name, error = %e, "VNode apply failed; retrying");
-                    return;
-                }
+                node.node_applied(desired, uid);
+            }
+            Some(Err(e)) => {
+                warn!(node = %self.node_name, error = %e, "VNode apply failed; retrying");
+                return;
             }
         }
-        if let Some(status) = writes.status {
-            match self.api.patch_node_status(&self.node_name, &status).await {
-                Ok(()) => node.status_written(status, now),
-                Err(e) if is_not_found(&e) => {
-                    warn!(node = %self.node_name, "VNode was deleted externally; recreating");
-                    node.node_missing();
-                }
-                Err(e) => {
-                    warn!(node = %self.node_name, error = %e, "VNode status write failed; retrying")
-                }
+        match done.status {
+            None => {}
+            Some((status, Ok(()))) => node.status_written(status, now),
+            Some((_, Err(e))) if is_not_found(&e) => {
+                warn!(node = %self.node_name, "VNode was deleted externally; recreating");
+                node.node_missing();
+            }
+            Some((_, Err(e))) => {
+                warn!(node = %self.node_name, error = %e, "VNode status write failed; retrying")
             }
         }
-        if writes.lease {
-            match self
-                .api
-                .renew_node_lease(&self.node_name, node.node_uid())
-                .await
-            {
-                Ok(()) => node.lease_renewed(now),
-                Err(e) => {
-                    warn!(node = %self.node_name, error = %e, "lease renewal failed; retrying")
-                }
+        match done.lease {
+            None => {}
+            Some(Ok(())) => node.lease_renewed(now),
+            Some(Err(e)) => {
+                warn!(node = %self.node_name, error = %e, "lease renewal failed; retrying")
             }
         }
     }
@@ -405,6 +420,180 @@ impl Effects {
             Err(e) => warn!(node = %self.node_name, error = %e, reason, "VNode removal failed"),
         }
         self.tunnel.forget(&self.base_id);
+    }
+}
+
+/// The VNode writes that are due (see [`Effects::node_job`]).
+pub struct NodeJob {
+    api: Api,
+    node_name: String,
+    node_uid: Option<String>,
+    writes: NodeWrites,
+    started: Instant,
+}
+
+/// What a [`NodeJob`] achieved; `None` for a write it did not attempt.
+pub struct NodeJobDone {
+    started: Instant,
+    applied: Option<Result<(k8s_openapi::api::core::v1::Node, Option<String>), kube::Error>>,
+    status: Option<(
+        k8s_openapi::api::core::v1::NodeStatus,
+        Result<(), kube::Error>,
+    )>,
+    lease: Option<Result<(), kube::Error>>,
+}
+
+impl NodeJob {
+    /// Whether the job has nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes == NodeWrites::default()
+    }
+
+    /// Performs the writes: the Node first (a failure stops the rest), then its status, then
+    /// its Lease.
+    pub async fn run(self) -> NodeJobDone {
+        let mut done = NodeJobDone {
+            started: self.started,
+            applied: None,
+            status: None,
+            lease: None,
+        };
+        let mut node_uid = self.node_uid;
+        if let Some(desired) = self.writes.apply {
+            match self.api.apply_node(&desired).await {
+                Ok(uid) => {
+                    node_uid.clone_from(&uid);
+                    done.applied = Some(Ok((desired, uid)));
+                }
+                Err(e) => {
+                    done.applied = Some(Err(e));
+                    return done;
+                }
+            }
+        }
+        if let Some(status) = self.writes.status {
+            let r = self.api.patch_node_status(&self.node_name, &status).await;
+            done.status = Some((status, r));
+        }
+        if self.writes.lease {
+            done.lease = Some(
+                self.api
+                    .renew_node_lease(&self.node_name, node_uid.as_deref())
+                    .await,
+            );
+        }
+        done
+    }
+}
+
+/// One pod status write of a [`PodJob`].
+#[derive(Debug, Clone)]
+struct PodWrite {
+    uid: String,
+    namespace: String,
+    name: String,
+    status: PodStatus,
+    /// False while the pod's writes wait out their backoff.
+    ready: bool,
+}
+
+/// The pod writes one plan decided (see [`Effects::pod_job`]).
+pub struct PodJob {
+    api: Api,
+    order: StatusOrder,
+    policies: Arc<dyn PolicySource>,
+    pool: Option<Pool>,
+    writes: Vec<PodWrite>,
+    changes: Vec<StatusChange>,
+    /// uid, namespace, name.
+    removals: Vec<(String, String, String)>,
+}
+
+/// What a [`PodJob`] achieved, write by write.
+pub struct PodJobDone {
+    statuses: Vec<(String, PodStatus, Result<(), kube::Error>)>,
+    removals: Vec<(String, Result<(), kube::Error>)>,
+}
+
+impl PodJob {
+    /// Whether the job has nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.removals.is_empty()
+    }
+
+    /// Performs the writes.
+    pub async fn run(self) -> PodJobDone {
+        let mut statuses = Vec::new();
+        if !self.writes.is_empty() {
+            let waves = waves(
+                self.order,
+                &self.policies,
+                self.pool.as_ref(),
+                self.changes.clone(),
+            )
+            .await;
+            for wave in waves {
+                let (ready, waiting): (Vec<usize>, Vec<usize>) =
+                    wave.iter().partition(|&&i| self.writes[i].ready);
+                let (api, writes) = (&self.api, &self.writes);
+                let results: Vec<_> =
+                    futures::stream::iter(ready.clone().into_iter().map(move |i: usize| {
+                        let w = &writes[i];
+                        api.patch_pod_status(&w.namespace, &w.name, &w.status)
+                    }))
+                    .buffered(self.api.base_workers())
+                    .collect()
+                    .await;
+                let mut failed = !waiting.is_empty();
+                for (&i, r) in ready.iter().zip(results) {
+                    failed |= r.is_err();
+                    let w = &self.writes[i];
+                    statuses.push((w.uid.clone(), w.status.clone(), r));
+                }
+                if failed {
+                    // The next wave may make a pod Ready; it must wait until this one is through.
+                    break;
+                }
+            }
+        }
+        let mut removals = Vec::new();
+        for (uid, namespace, name) in self.removals {
+            let r = self.api.delete_pod_now(&namespace, &name, &uid).await;
+            removals.push((uid, r));
+        }
+        PodJobDone { statuses, removals }
+    }
+}
+
+/// The waves the ordering rule proposes, checked (`order_with` enforces the invariant); a
+/// plugin rule runs on the plugin pool, never on a base task's thread.
+async fn waves(
+    order: StatusOrder,
+    policies: &Arc<dyn PolicySource>,
+    pool: Option<&Pool>,
+    changes: Vec<StatusChange>,
+) -> Waves {
+    match order {
+        StatusOrder::Lossless => {
+            let rule = policies.ordering();
+            let name = rule.name().to_string();
+            let (waves, err) = match pool {
+                None => order_with(rule.as_ref(), &changes),
+                Some(pool) => {
+                    let c = changes.clone();
+                    match offload::run(pool.as_ref(), move || order_with(rule.as_ref(), &c)).await {
+                        Ok(r) => r,
+                        Err(e) => (default_waves(&changes), Some(OrderingError::RuleFailed(e))),
+                    }
+                }
+            };
+            if let Some(e) = err {
+                warn!(rule = %name, error = %e, "ordering rule overruled; built-in order used");
+            }
+            waves
+        }
+        #[cfg(feature = "test-switches")]
+        StatusOrder::UnsafeReadyFirst => default_waves(&changes).into_iter().rev().collect(),
     }
 }
 

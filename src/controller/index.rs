@@ -229,7 +229,13 @@ impl Index {
             watcher::Event::Apply(p) => {
                 let owner = owner_of(&p).map(|o| o.key);
                 if let Some(uid) = p.metadata.uid.clone() {
-                    let p = Arc::new(p);
+                    // The store's copy, shared: one copy of each pod in memory.
+                    let p = self
+                        .stores
+                        .get(stream)
+                        .and_then(|(s, _)| s.get(&ObjectRef::from_obj(&p)))
+                        .filter(|s| s.metadata.uid.as_deref() == Some(&uid))
+                        .unwrap_or_else(|| Arc::new(p));
                     self.insert(uid, p.clone());
                     if self.synced() {
                         pod_msgs.extend(self.route(&p, BaseMsg::PodUpsert(p.clone())));

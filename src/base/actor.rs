@@ -720,12 +720,25 @@ mod tests {
 
     /// A base task whose every apiserver request is answered after [`APISERVER_DELAY`].
     fn slow_apiserver_actor() -> BaseActor {
+        slow_apiserver_actor_with(
+            Arc::new(NoTunnel),
+            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        )
+    }
+
+    /// The same, sending through `tunnel` and counting in `answered` the requests answered.
+    fn slow_apiserver_actor_with(
+        tunnel: Arc<dyn crate::tunnel::Tunnel>,
+        answered: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> BaseActor {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
+                let answered = answered.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(APISERVER_DELAY).await;
                     send.send_response(answer(&req));
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
@@ -754,7 +767,7 @@ mod tests {
             Arc::new(settings),
             EffectsDeps {
                 api: Api::new(client, 8, "test", ApiMetrics::default()),
-                tunnel: Arc::new(NoTunnel),
+                tunnel,
                 policies: Arc::new(BuiltinPolicies),
                 metrics: BaseMetrics::default(),
                 order: StatusOrder::Lossless,
@@ -822,5 +835,89 @@ mod tests {
             .expect("the task ends")
             .expect("task");
         assert_eq!(exit, ActorExit::Expired);
+    }
+
+    /// A pod of module `biz1` bound to the VNode of `b1`.
+    fn bound_pod() -> Arc<Pod> {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "biz1-a", "namespace": "default", "uid": "u1",
+                "labels": {"virtual-kubelet.koupleless.io/component": "module"}},
+            "spec": {"nodeName": "vnode.b1.dev", "containers": [{"name": "biz1",
+                "image": "https://repo.example/biz1-1.0.0-ark-biz.jar",
+                "env": [{"name": "BIZ_VERSION", "value": "1.0.0"}]}]}
+        }))
+        .expect("pod");
+        Arc::new(pod)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_install_goes_out_while_the_apiserver_is_still_answering_earlier_writes() {
+        let tunnel = Arc::new(crate::base::testing::RecordingTunnel::default());
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let actor = slow_apiserver_actor_with(tunnel.clone(), answered.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        tx.send(heartbeat(BaseLifecycle::Activated))
+            .expect("task alive");
+        tx.send(BaseMsg::PodsSynced(Vec::new()))
+            .expect("task alive");
+        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(Vec::new())))
+            .expect("task alive");
+        // The VNode's first writes are now waiting for the apiserver (700 ms each).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let bound_at = Instant::now();
+        tx.send(BaseMsg::PodUpsert(bound_pod()))
+            .expect("task alive");
+        let mut install_at = None;
+        for _ in 0..100 {
+            let sent = tunnel
+                .sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            install_at = sent
+                .iter()
+                .find(|(_, c)| matches!(c, BaseCommand::Install(s) if s.name == "biz1"))
+                .map(|(t, _)| *t);
+            if install_at.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let in_flight_then = answered.load(std::sync::atomic::Ordering::SeqCst) == 0;
+        task.abort();
+        let install_at = install_at.expect("installBiz sent");
+        let waited = install_at.saturating_duration_since(bound_at);
+        // Behind the VNode's writes it would have waited for their 700 ms.
+        assert!(
+            in_flight_then,
+            "the VNode's writes were answered already: the check proves nothing"
+        );
+        assert!(
+            waited < Duration::from_millis(300),
+            "installBiz went out {waited:?} after the pod was bound"
+        );
+    }
+
+    #[test]
+    fn only_a_status_that_says_installing_waits_for_the_module_to_start() {
+        let st = |reason: Option<&str>, running: bool| -> k8s_openapi::api::core::v1::PodStatus {
+            serde_json::from_value(serde_json::json!({"containerStatuses": [{
+                "name": "biz1", "image": "", "imageID": "", "ready": running, "restartCount": 0,
+                "state": if running { serde_json::json!({"running": {}}) }
+                         else { serde_json::json!({"waiting": {"reason": reason}}) }
+            }]}))
+            .expect("status")
+        };
+        assert!(only_installing(&st(
+            Some(crate::vpod::status::INSTALL_EXECUTING),
+            false
+        )));
+        assert!(!only_installing(&st(
+            Some("Arklet.InstallModuleFailed"),
+            false
+        )));
+        assert!(!only_installing(&st(None, true)));
+        assert!(!only_installing(&Default::default()));
     }
 }

@@ -189,7 +189,11 @@ impl Effects {
     ) -> (Vec<(String, PodStatus)>, Vec<String>) {
         let now = Instant::now();
         let mut written = Vec::new();
+        // A pod that went while its write was in flight is forgotten already.
         for (uid, status, r) in done.statuses {
+            if !pods.contains_key(&uid) {
+                continue;
+            }
             let key = pod_write_key(&uid);
             match r {
                 Ok(()) => {
@@ -202,6 +206,9 @@ impl Effects {
         }
         let mut removed = Vec::new();
         for (uid, r) in done.removals {
+            if !pods.contains_key(&uid) {
+                continue;
+            }
             match r {
                 Ok(()) => {
                     self.forget_pod(&uid);

@@ -1,5 +1,5 @@
-//! What the base module's unit tests share: a tunnel that accepts every command, and a
-//! heartbeat of base `b1`.
+//! What the base module's unit tests share: tunnels that accept every command (one of them
+//! keeps what it was given), and a heartbeat of base `b1`.
 
 use futures::future::BoxFuture;
 
@@ -18,6 +18,29 @@ impl Tunnel for NoTunnel {
         _: &'a str,
         _: &'a BaseCommand,
     ) -> BoxFuture<'a, Result<(), TunnelError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A tunnel that keeps every command it is given, with when.
+#[derive(Default)]
+pub(crate) struct RecordingTunnel {
+    pub sent: std::sync::Mutex<Vec<(std::time::Instant, BaseCommand)>>,
+}
+
+impl Tunnel for RecordingTunnel {
+    fn name(&self) -> &str {
+        "recording"
+    }
+    fn send<'a>(
+        &'a self,
+        _: &'a str,
+        cmd: &'a BaseCommand,
+    ) -> BoxFuture<'a, Result<(), TunnelError>> {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((std::time::Instant::now(), cmd.clone()));
         Box::pin(async { Ok(()) })
     }
 }

@@ -134,6 +134,11 @@ async fn shutdown_signal() {
     }
 }
 
+/// glibc's malloc kept the memory of every rollout (RSS grew by a third over one 5,000-pod
+/// rollout and never came back); mimalloc returns freed pages to the system.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use crate::base::effects::{Effects, EffectsDeps, NodeJobDone, PodJobDone};
 use crate::base::ledger::ModuleLedger;
 use crate::base::msg::BaseMsg;
-use crate::base::node_sync::{NodeSync, VNodeParams, Verdict};
+use crate::base::node_sync::{NodeSync, NodeWrites, VNodeParams, Verdict};
 use crate::base::plan::{self, PlanInput, PodInfo};
 use crate::model::{
     BaseCommand, BaseHeartbeat, BaseLifecycle, BaseMetadata, ModuleKey, ModuleSpec, Outcome,
@@ -491,6 +491,9 @@ impl BaseActor {
                 .collect();
             debug!(pod = %p.name, modules = ?left, alive, ?wanted, "pod leaves the base");
         }
+        if statuses.is_empty() && decided.delete_pods.is_empty() {
+            return;
+        }
         let job = self
             .fx
             .pod_job(&self.bound.pods, statuses, &decided.delete_pods);
@@ -519,8 +522,8 @@ impl BaseActor {
         if writes.apply.is_none() && writes.status.is_none() {
             self.node.settled();
         }
-        let job = self.fx.node_job(&self.node, writes, now);
-        if !job.is_empty() {
+        if writes != NodeWrites::default() {
+            let job = self.fx.node_job(&self.node, writes, now);
             self.node_job = Some(tokio::spawn(job.run()));
         }
     }

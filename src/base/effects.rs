@@ -451,11 +451,6 @@ pub struct NodeJobDone {
 }
 
 impl NodeJob {
-    /// Whether the job has nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.writes == NodeWrites::default()
-    }
-
     /// Performs the writes: the Node first (a failure stops the rest), then its status, then
     /// its Lease.
     pub async fn run(self) -> NodeJobDone {

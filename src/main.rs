@@ -134,8 +134,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// glibc's malloc kept the memory of every rollout (RSS grew by a third over one 5,000-pod
-/// rollout and never came back); mimalloc returns freed pages to the system.
+/// With glibc's malloc the controller's RSS grew by a third over a 5,000-pod rollout and stayed
+/// there; with mimalloc it grew by a tenth (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -41,11 +41,11 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const VNODE_TTL: Duration = Duration::from_secs(30);
 /// What kube's connection pool may keep beyond its start: it never closes an idle connection
 /// (kube builds hyper's pool without a timer), so it keeps as many as requests were ever in
-/// flight at once: Node and Lease writes (16, `src/apiserver`), `VNODE_WORKER_NUM` (8) module
-/// writes, the apiserver probe, and a few more when a request starts while a finished one's
+/// flight at once: Node and Lease writes (48, `src/apiserver`), module writes (64, across all
+/// VNodes), the apiserver probe, and a few more when a request starts while a finished one's
 /// connection is still on its way back to the pool. Bounded by the controller's concurrency,
 /// not by its bases: a leak of one per base would be a thousand.
-const APISERVER_POOL: usize = 16 + 8 + 1 + 7;
+const APISERVER_POOL: usize = 48 + 64 + 1 + 7;
 
 fn bases_wanted() -> usize {
     std::env::var("FAULT_CHURN_BASES")

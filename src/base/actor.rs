@@ -225,7 +225,7 @@ impl BaseActor {
                 }
             }
             // Everything that arrived, before deciding, whichever branch woke us: a step can
-            // take long (its apiserver writes wait their turn behind every other base's), and
+            // take long (a plugin call, a starved machine; its writes run as jobs), and
             // liveness judged while heartbeats still sit in the inbox would call a live base
             // silent, or expire it and delete its VNode. It also coalesces a burst into one
             // reconcile.

@@ -115,7 +115,8 @@ impl Effects {
     }
 
     /// Writes status changes in waves and returns what was written: the pod job of `statuses`
-    /// (see [`Effects::pod_job`]), run to the end on this task.
+    /// (see [`Effects::pod_job`]), run to the end on this task (the tests' view of a job).
+    #[cfg(test)]
     pub async fn write_statuses(
         &mut self,
         pods: &BTreeMap<String, PodInfo>,
@@ -344,22 +345,6 @@ impl Effects {
         self.reported.remove(uid);
         self.backoff.forget(&pod_write_key(uid));
         self.backoff.forget(&pod_delete_key(uid));
-    }
-
-    /// Removes pods whose modules are gone; returns the uids removed.
-    pub async fn delete_pods(
-        &mut self,
-        pods: &BTreeMap<String, PodInfo>,
-        uids: &[String],
-    ) -> Vec<String> {
-        let done = self.pod_job(pods, Vec::new(), uids).run().await;
-        self.pod_job_done(pods, done).1
-    }
-
-    /// Performs the VNode writes that are due and records what succeeded.
-    pub async fn write_node(&self, node: &mut NodeSync, writes: NodeWrites, now: Instant) {
-        let done = self.node_job(node, writes, now).run().await;
-        self.node_job_done(node, done);
     }
 
     /// The VNode writes that are due, as a job that can run off the base task (a Lease

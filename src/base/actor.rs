@@ -26,8 +26,14 @@ use crate::vnode::shape::{self, NodeShapeInput};
 use crate::vpod::spec::{creation_secs, modules_of, owner_of};
 use crate::vpod::status::Note;
 
-/// How often a base task plans when nothing changed.
+/// How often a base task plans when nothing changed but something waits on a clock (a command
+/// retry, a backoff, a grace period, an install timeout).
 const IDLE_REPLAN: Duration = Duration::from_secs(2);
+
+/// How often a settled base task plans when nothing changed: nothing should change a settled
+/// plan but news, so this is only a safety net for a time dependence no one foresaw. At 1,000
+/// bases a 2 s beat here was most of the controller's idle CPU.
+const SETTLED_REPLAN: Duration = Duration::from_secs(30);
 
 /// How long after an install is sent the pod's "installing" status waits for the module to
 /// start: a module that starts within it goes from Pending straight to Running, in one status
@@ -240,9 +246,14 @@ impl BaseActor {
 
     fn handle(&mut self, m: BaseMsg) {
         let now = Instant::now();
+        if let BaseMsg::Event(ev) = m {
+            // Most events are heartbeats that change nothing: they must not cost a plan.
+            self.dirty |= self.on_event(ev, now);
+            return;
+        }
         self.dirty = true;
         match m {
-            BaseMsg::Event(ev) => self.on_event(ev, now),
+            BaseMsg::Event(_) => {}
             BaseMsg::PodUpsert(pod) => self.bound.upsert(pod),
             BaseMsg::PodRemoved(uid) => {
                 self.bound.pods.remove(&uid);
@@ -317,11 +328,13 @@ impl BaseActor {
         }
     }
 
-    fn on_event(&mut self, ev: TunnelEvent, now: Instant) {
+    /// Applies what the base said; true when it may change the plan.
+    fn on_event(&mut self, ev: TunnelEvent, now: Instant) -> bool {
         let timeout = self.settings.command_timeout;
         match ev {
             TunnelEvent::Heartbeat(hb) => {
-                if self.node.was_silent() {
+                let back = self.node.was_silent();
+                if back {
                     info!("base is back");
                     // What it runs may have changed while it was away.
                     self.ledger.base_returned(now);
@@ -329,7 +342,10 @@ impl BaseActor {
                 if hb.lifecycle == BaseLifecycle::Deactivated {
                     info!("base announced shutdown; draining");
                 }
+                // The plan reads the heartbeat (the pods' IP, the labels peers select on).
+                let news = back || self.node.heartbeat.as_ref() != Some(&hb);
                 self.node.on_heartbeat(hb, now);
+                return news;
             }
             TunnelEvent::QueryBaseline(md) => {
                 self.node.seen(now);
@@ -338,9 +354,11 @@ impl BaseActor {
                 self.baseline_requested = true;
             }
             TunnelEvent::Health(h) => {
+                // The Node's business (capacity), not the plan's.
                 self.node.seen(now);
                 self.node.on_health(h);
                 self.ledger.health_received();
+                return false;
             }
             TunnelEvent::ModuleList(list) => {
                 self.node.seen(now);
@@ -367,14 +385,19 @@ impl BaseActor {
                         .push((ModuleKey::new(&r.name, &r.version), message));
                 }
             }
-            TunnelEvent::Unreachable { reason } => debug!(%reason, "base unreachable"),
+            TunnelEvent::Unreachable { reason } => {
+                debug!(%reason, "base unreachable");
+                return false;
+            }
             TunnelEvent::CommandSeen(cmd) => {
                 // Our own commands come back too; only another replica's matter.
-                if !self.owned {
-                    self.ledger.command_seen(&cmd, now);
+                if self.owned {
+                    return false;
                 }
+                self.ledger.command_seen(&cmd, now);
             }
         }
+        true
     }
 
     /// One reconcile. Returns `Some` when the task should end.
@@ -383,6 +406,7 @@ impl BaseActor {
         let (verdict, changed) = self.node.assess(&self.settings.liveness, now);
         if let Some((from, to)) = changed {
             info!(?from, ?to, "base liveness changed");
+            self.dirty = true;
         }
         if !self.owned {
             return self.observe(verdict, now);
@@ -412,15 +436,21 @@ impl BaseActor {
     /// Commands to the base and pod writes, when something changed (or, without any, on a
     /// slow beat that catches what time alone changes: retry and grace deadlines).
     async fn drive_modules(&mut self, alive: bool, now: Instant) {
+        let beat = if self.ledger.waits_on_clock() || self.fx.failing_writes() > 0 {
+            IDLE_REPLAN
+        } else {
+            SETTLED_REPLAN
+        };
         if !self.dirty
             && self
                 .last_plan
-                .is_some_and(|t| now.saturating_duration_since(t) < IDLE_REPLAN)
+                .is_some_and(|t| now.saturating_duration_since(t) < beat)
         {
             return;
         }
         self.dirty = false;
         self.last_plan = Some(now);
+        self.fx.count_plan();
         let wanted = self.wanted();
         let decided = plan::plan(&self.plan_input(alive, now, &wanted));
         self.ledger.track_orphans(&decided, now);
@@ -726,13 +756,16 @@ mod tests {
         slow_apiserver_actor_with(
             Arc::new(NoTunnel),
             Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            BaseMetrics::default(),
         )
     }
 
-    /// The same, sending through `tunnel` and counting in `answered` the requests answered.
+    /// The same, sending through `tunnel`, counting in `answered` the requests answered and
+    /// in `metrics` what the task did.
     fn slow_apiserver_actor_with(
         tunnel: Arc<dyn crate::tunnel::Tunnel>,
         answered: Arc<std::sync::atomic::AtomicUsize>,
+        metrics: BaseMetrics,
     ) -> BaseActor {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         tokio::spawn(async move {
@@ -772,7 +805,7 @@ mod tests {
                 api: Api::new(client, 8, "test", ApiMetrics::default()),
                 tunnel,
                 policies: Arc::new(BuiltinPolicies),
-                metrics: BaseMetrics::default(),
+                metrics,
                 order: StatusOrder::Lossless,
                 pool: None,
             },
@@ -857,7 +890,8 @@ mod tests {
     async fn an_install_goes_out_while_the_apiserver_is_still_answering_earlier_writes() {
         let tunnel = Arc::new(crate::base::testing::RecordingTunnel::default());
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let actor = slow_apiserver_actor_with(tunnel.clone(), answered.clone());
+        let actor =
+            slow_apiserver_actor_with(tunnel.clone(), answered.clone(), BaseMetrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(actor.run(rx));
         tx.send(heartbeat(BaseLifecycle::Activated))
@@ -900,6 +934,48 @@ mod tests {
             waited < Duration::from_millis(300),
             "installBiz went out {waited:?} after the pod was bound"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_that_changes_nothing_costs_no_plan() {
+        let metrics = BaseMetrics::default();
+        let actor = slow_apiserver_actor_with(
+            Arc::new(NoTunnel),
+            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            metrics.clone(),
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        let beat = |ip: &str| {
+            let mut hb = crate::base::testing::heartbeat(BaseLifecycle::Activated);
+            hb.local_ip = ip.into();
+            BaseMsg::Event(TunnelEvent::Heartbeat(hb))
+        };
+        tx.send(beat("10.0.0.1")).expect("task alive");
+        tx.send(BaseMsg::PodsSynced(Vec::new()))
+            .expect("task alive");
+        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(Vec::new())))
+            .expect("task alive");
+        // Heartbeats every 50 ms (the liveness timeout is 250 ms) for 1.5 s, less than the
+        // 2 s idle beat: a task that planned on every heartbeat would plan some 30 times.
+        for _ in 0..6 {
+            tx.send(beat("10.0.0.1")).expect("task alive");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let settled = metrics.plans();
+        for _ in 0..24 {
+            tx.send(beat("10.0.0.1")).expect("task alive");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let idle = metrics.plans() - settled;
+        // A heartbeat with news (the base's IP, the pods' podIP) is planned on.
+        tx.send(beat("10.0.0.2")).expect("task alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after_news = metrics.plans() - settled - idle;
+        task.abort();
+        assert!(settled >= 1, "the task never planned");
+        assert_eq!(idle, 0, "plans on 24 heartbeats that changed nothing");
+        assert_eq!(after_news, 1, "plans on a heartbeat with a new IP");
     }
 
     #[test]

@@ -109,6 +109,11 @@ impl Effects {
         }
     }
 
+    /// Counts a plan.
+    pub fn count_plan(&self) {
+        self.metrics.count_plan();
+    }
+
     /// Counts a re-sent install.
     pub fn count_retry(&self, cmd: &BaseCommand) {
         self.metrics.count(cmd.kind(), "retry");

@@ -383,6 +383,21 @@ impl ModuleLedger {
         }
     }
 
+    /// Whether a plan could change with time alone: a command awaiting its answer or retry, a
+    /// failure waiting out its backoff, a module kept for a hand-over or as an orphan, or one
+    /// the base is still starting (it may time out). Without any, only news changes a plan.
+    pub fn waits_on_clock(&self) -> bool {
+        !self.inflight.is_empty()
+            || !self.failures.is_empty()
+            || !self.uninstall_failures.is_empty()
+            || !self.retained.is_empty()
+            || !self.orphan_since.is_empty()
+            || self
+                .reported
+                .as_ref()
+                .is_some_and(|r| r.values().any(|m| m.state == BizState::Resolved))
+    }
+
     /// Changes with every change of [`Self::urls`].
     pub fn urls_version(&self) -> u64 {
         self.urls_version
@@ -488,6 +503,46 @@ mod tests {
             1,
             "answered: commands flow again"
         );
+    }
+
+    #[test]
+    fn only_a_base_with_something_pending_waits_on_the_clock() {
+        let now = Instant::now();
+        let mut l = ModuleLedger::new(now);
+        l.on_module_list(vec![status("biz", "1", BizState::Activated)], now, T);
+        assert!(
+            !l.waits_on_clock(),
+            "all active, nothing asked: only news matters"
+        );
+        let plan = Plan {
+            installs: vec![ModuleSpec {
+                version: "2".into(),
+                ..spec()
+            }],
+            ..Default::default()
+        };
+        l.commands(&plan, now);
+        assert!(l.waits_on_clock(), "an install awaits its answer");
+        l.on_module_list(
+            vec![
+                status("biz", "1", BizState::Activated),
+                status("biz", "2", BizState::Resolved),
+            ],
+            now,
+            T,
+        );
+        assert!(l.waits_on_clock(), "a starting module may time out");
+        l.on_module_list(
+            vec![
+                status("biz", "1", BizState::Activated),
+                status("biz", "2", BizState::Activated),
+            ],
+            now,
+            T,
+        );
+        assert!(!l.waits_on_clock());
+        l.orphan_since.insert(ModuleKey::new("biz", "1"), now);
+        assert!(l.waits_on_clock(), "an orphan's grace runs out");
     }
 
     #[test]

@@ -31,6 +31,7 @@ struct CmdLabel {
 #[derive(Clone, Debug, Default)]
 pub struct BaseMetrics {
     commands: Family<CmdLabel, Counter>,
+    plans: Counter,
 }
 
 impl BaseMetrics {
@@ -41,6 +42,11 @@ impl BaseMetrics {
             "base_commands",
             "Commands sent to bases, by command and result (sent, retry, send_failed)",
             m.commands.clone(),
+        );
+        registry.register(
+            "base_plans",
+            "Plans the base tasks made (news from a base or its pods, or a deadline, starts one)",
+            m.plans.clone(),
         );
         for command in ["install", "uninstall", "query_all", "health", "baseline"] {
             for result in ["sent", "send_failed"] {
@@ -55,6 +61,16 @@ impl BaseMetrics {
         self.commands
             .get_or_create(&CmdLabel { command, result })
             .inc();
+    }
+
+    /// Counts a plan.
+    pub fn count_plan(&self) {
+        self.plans.inc();
+    }
+
+    /// Plans made so far.
+    pub fn plans(&self) -> u64 {
+        self.plans.get()
     }
 
     /// Commands of `command` kind counted with `result` so far.

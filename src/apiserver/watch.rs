@@ -19,6 +19,42 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// What a watch keeps of an object: only what the controller reads. Watched objects live as
+/// long as they exist, so at thousands of pods every field kept is memory held.
+pub trait Slim {
+    /// Drops the fields the controller never reads (`managedFields` is dropped for all kinds).
+    fn slim(&mut self) {}
+}
+
+impl Slim for k8s_openapi::api::core::v1::Pod {
+    /// A module pod's containers are modules: their volumes (the service-account token that
+    /// admission adds to every pod), mounts, probes and hooks mean nothing to a base. Only
+    /// watches see the trimmed pod; the controller writes pods by status patches only.
+    fn slim(&mut self) {
+        let Some(spec) = self.spec.as_mut() else {
+            return;
+        };
+        spec.volumes = None;
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.volume_mounts = None;
+            c.volume_devices = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+            c.lifecycle = None;
+            c.security_context = None;
+        }
+    }
+}
+
+impl Slim for k8s_openapi::api::apps::v1::Deployment {}
+impl Slim for k8s_openapi::api::core::v1::Node {}
+impl Slim for k8s_openapi::api::coordination::v1::Lease {}
+
 /// Health of one watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchState {
@@ -112,7 +148,7 @@ pub fn spawn<K>(
     cancel: CancellationToken,
 ) -> mpsc::Receiver<watcher::Event<K>>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (tx, rx) = mpsc::channel(1024);
     let name = name.to_string();
@@ -138,6 +174,7 @@ where
                     | watcher::Event::Delete(o) = &mut ev
                     {
                         o.meta_mut().managed_fields = None;
+                        o.slim();
                     }
                     if failing {
                         info!(watch = %name, "watch recovered");
@@ -223,4 +260,39 @@ pub fn spawn_probe(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+
+    #[test]
+    fn a_slim_pod_keeps_what_makes_it_a_module_and_where_it_may_run() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "biz1-a", "namespace": "default", "uid": "u1",
+                "labels": {"virtual-kubelet.koupleless.io/component": "module"}},
+            "spec": {
+                "nodeName": "vnode.b1.dev",
+                "nodeSelector": {"base.koupleless.io/name": "base"},
+                "tolerations": [{"key": "schedule.koupleless.io/virtual-node", "operator": "Exists"}],
+                "volumes": [{"name": "kube-api-access-x", "projected": {"sources": []}}],
+                "containers": [{"name": "biz1", "image": "https://repo/biz1.jar",
+                    "env": [{"name": "BIZ_VERSION", "value": "1.0.0"}],
+                    "volumeMounts": [{"name": "kube-api-access-x", "mountPath": "/var/run"}],
+                    "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]
+            }
+        }))
+        .expect("pod");
+        let before = crate::vpod::spec::modules_of(&pod);
+        pod.slim();
+        assert_eq!(crate::vpod::spec::modules_of(&pod), before);
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(spec.node_name.as_deref(), Some("vnode.b1.dev"));
+        assert!(spec.node_selector.is_some() && spec.tolerations.is_some());
+        assert!(spec.volumes.is_none());
+        let c = &spec.containers[0];
+        assert!(c.volume_mounts.is_none() && c.readiness_probe.is_none());
+        assert_eq!(c.env.as_ref().map(Vec::len), Some(1));
+    }
 }

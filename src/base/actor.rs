@@ -123,7 +123,7 @@ impl BoundPods {
             deleting: pod.metadata.deletion_timestamp.is_some(),
             owner: owner_of(&pod).map(|o| o.key),
             modules: modules_of(&pod),
-            status: pod.status.clone(),
+            written: None,
             pod,
         };
         self.pods.insert(uid, info);
@@ -203,7 +203,7 @@ impl BaseActor {
                         let (written, removed) = self.fx.pod_job_done(&self.bound.pods, done);
                         for (uid, st) in written {
                             if let Some(p) = self.bound.pods.get_mut(&uid) {
-                                p.status = Some(st);
+                                p.written = Some(st);
                             }
                         }
                         for uid in removed {

@@ -154,7 +154,7 @@ impl Effects {
                 pod_index: writes.len() as u32,
                 creation_ts: p.creation_ts,
                 revision: p.revision,
-                from_ready: is_ready(p.status.as_ref()),
+                from_ready: is_ready(p.status()),
                 to_ready: is_ready(Some(&st)),
                 deleting: p.deleting,
             });
@@ -628,7 +628,7 @@ mod tests {
             deleting: false,
             owner: None,
             modules: vec![],
-            status: Some(status(ready)),
+            written: Some(status(ready)),
             pod: Arc::new(pod),
         }
     }

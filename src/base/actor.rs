@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
 use crate::base::effects::{Effects, EffectsDeps, NodeJobDone, PodJobDone};
@@ -24,7 +24,7 @@ use crate::time::now_time;
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape::{self, NodeShapeInput};
 use crate::vpod::spec::{creation_secs, modules_of, owner_of};
-use crate::vpod::status::Note;
+use crate::vpod::status::{Note, is_ready};
 
 /// How often a base task plans when nothing changed but something waits on a clock (a command
 /// retry, a backoff, a grace period, an install timeout).
@@ -153,8 +153,13 @@ pub struct BaseActor {
     last_plan: Option<Instant>,
     /// The module URLs last recorded for the VNode, and the ledger version they are from.
     urls: (u64, String),
-    /// The pod writes in flight (at most one job: its waves keep NotReady before Ready).
-    pod_job: Option<JoinHandle<PodJobDone>>,
+    /// The pod writes in flight. Jobs run side by side (a pod bound a moment after another
+    /// does not wait for the other's write), but a pod is in one job at most, and a job that
+    /// makes a pod Ready never starts while one that makes a pod NotReady is in flight: with
+    /// each job's own waves, NotReady always comes before Ready on a base.
+    pod_jobs: JoinSet<PodJobDone>,
+    /// What each pod job in flight holds.
+    pod_jobs_held: HashMap<tokio::task::Id, HeldByJob>,
     /// The VNode writes in flight.
     node_job: Option<JoinHandle<NodeJobDone>>,
     /// Until when "installing" statuses wait for the modules just asked for to start.
@@ -181,7 +186,8 @@ impl BaseActor {
             dirty: true,
             last_plan: None,
             urls: (u64::MAX, String::new()),
-            pod_job: None,
+            pod_jobs: JoinSet::new(),
+            pod_jobs_held: HashMap::new(),
             node_job: None,
             executing_grace: None,
             settings,
@@ -198,7 +204,22 @@ impl BaseActor {
                     let Some(m) = m else { return ActorExit::Stopped };
                     self.handle(m);
                 }
-                done = join(&mut self.pod_job) => {
+                Some(done) = self.pod_jobs.join_next_with_id(), if !self.pod_jobs.is_empty() => {
+                    let done = match done {
+                        Ok((id, done)) => {
+                            self.pod_jobs_held.remove(&id);
+                            Some(done)
+                        }
+                        Err(e) => {
+                            // Nothing it did is known: its pods are planned again.
+                            self.pod_jobs_held.remove(&e.id());
+                            warn!(error = %e, "a pod write job of the base task did not finish");
+                            None
+                        }
+                    };
+                    // A job whose writes all wait out a backoff changes nothing: planning again
+                    // at once would spin until the backoff ends (the idle beat retries it).
+                    self.dirty |= done.as_ref().is_none_or(|d| !d.did_nothing());
                     if let Some(done) = done {
                         let (written, removed) = self.fx.pod_job_done(&self.bound.pods, done);
                         for (uid, st) in written {
@@ -210,7 +231,6 @@ impl BaseActor {
                             self.bound.pods.remove(&uid);
                         }
                     }
-                    self.dirty = true;
                 }
                 done = join(&mut self.node_job) => {
                     if let Some(done) = done {
@@ -487,10 +507,6 @@ impl BaseActor {
                 .report_uninstall_failure(&self.bound.pods, &key, &message)
                 .await;
         }
-        if self.pod_job.is_some() {
-            // Decided again once the writes in flight are through.
-            return;
-        }
         // The statuses of the plan were decided before its commands went out: a pod whose
         // install was just sent would be written "pending" and then at once "installing".
         // With the commands now in flight, the statuses are decided again.
@@ -521,14 +537,37 @@ impl BaseActor {
                 .collect();
             debug!(pod = %p.name, modules = ?left, alive, ?wanted, "pod leaves the base");
         }
-        if statuses.is_empty() && decided.delete_pods.is_empty() {
+        // Pods with a write in flight, and Ready writes while a NotReady one is in flight, are
+        // decided again once those writes are through.
+        let lowering = self.pod_jobs_held.values().any(|h| h.lowers);
+        let busy = |uid: &String| self.pod_jobs_held.values().any(|h| h.pods.contains(uid));
+        statuses.retain(|(uid, st)| {
+            !busy(uid)
+                && !(lowering
+                    && is_ready(Some(st))
+                    && !self
+                        .bound
+                        .pods
+                        .get(uid)
+                        .is_some_and(|p| is_ready(p.status())))
+        });
+        let deletes: Vec<String> = decided
+            .delete_pods
+            .iter()
+            .filter(|uid| !busy(uid))
+            .cloned()
+            .collect();
+        if statuses.is_empty() && deletes.is_empty() {
             return;
         }
-        let job = self
-            .fx
-            .pod_job(&self.bound.pods, statuses, &decided.delete_pods);
+        let job = self.fx.pod_job(&self.bound.pods, statuses, &deletes);
         if !job.is_empty() {
-            self.pod_job = Some(tokio::spawn(job.run()));
+            let held = HeldByJob {
+                pods: job.pods(),
+                lowers: job.lowers(),
+            };
+            let id = self.pod_jobs.spawn(job.run()).id();
+            self.pod_jobs_held.insert(id, held);
         }
     }
 
@@ -665,18 +704,23 @@ impl BaseActor {
 
     async fn finish(&mut self, exit: ActorExit, reason: &str) -> ActorExit {
         // The VNode and its pods go: what was being written of them no longer matters.
-        for job in [
-            self.pod_job.take().map(|j| j.abort_handle()),
-            self.node_job.take().map(|j| j.abort_handle()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        self.pod_jobs.abort_all();
+        self.pod_jobs_held.clear();
+        if let Some(job) = self.node_job.take() {
             job.abort();
         }
         self.fx.remove_vnode(&self.bound.pods, reason).await;
         exit
     }
+}
+
+/// What a pod job in flight holds back from the next ones.
+#[derive(Debug)]
+struct HeldByJob {
+    /// Its pods (uids).
+    pods: HashSet<String>,
+    /// It makes a pod NotReady.
+    lowers: bool,
 }
 
 /// The outcome of a job in flight; pending while there is none. The slot is emptied when the
@@ -742,6 +786,20 @@ mod tests {
                 "metadata": {"name": name, "namespace": "kube-node-lease"}})
         } else if path.starts_with("/api/v1/nodes/") && req.method() != http::Method::DELETE {
             serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "vnode.b1.dev"}})
+        } else if path.contains("/pods/broken") {
+            // Pods of module `broken` cannot be written.
+            return Response::builder()
+                .status(500)
+                .body(Body::from(
+                    serde_json::to_vec(&serde_json::json!({"apiVersion": "v1", "kind": "Status",
+                        "status": "Failure", "code": 500, "message": "etcdserver: request timed out"}))
+                    .unwrap_or_default(),
+                ))
+                .unwrap_or_else(|_| Response::new(Body::empty()));
+        } else if path.contains("/pods/") && req.method() == http::Method::PATCH {
+            let pod = path.rsplit('/').nth(1).unwrap_or_default();
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": "default"}})
         } else {
             serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})
         };
@@ -755,16 +813,19 @@ mod tests {
     fn slow_apiserver_actor() -> BaseActor {
         slow_apiserver_actor_with(
             Arc::new(NoTunnel),
-            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            Answered::default(),
             BaseMetrics::default(),
         )
     }
 
-    /// The same, sending through `tunnel`, counting in `answered` the requests answered and
-    /// in `metrics` what the task did.
+    /// The requests the mock apiserver answered: when, method and path.
+    type Answered = Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
+
+    /// The same, sending through `tunnel`, noting in `answered` the requests answered and in
+    /// `metrics` what the task did.
     fn slow_apiserver_actor_with(
         tunnel: Arc<dyn crate::tunnel::Tunnel>,
-        answered: Arc<std::sync::atomic::AtomicUsize>,
+        answered: Answered,
         metrics: BaseMetrics,
     ) -> BaseActor {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -774,7 +835,11 @@ mod tests {
                 tokio::spawn(async move {
                     tokio::time::sleep(APISERVER_DELAY).await;
                     send.send_response(answer(&req));
-                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let what = format!("{} {}", req.method(), req.uri().path());
+                    answered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((Instant::now(), what));
                 });
             }
         });
@@ -875,11 +940,16 @@ mod tests {
 
     /// A pod of module `biz1` bound to the VNode of `b1`.
     fn bound_pod() -> Arc<Pod> {
+        module_pod("biz1", "u1")
+    }
+
+    /// A pod (uid `uid`) of module `module` 1.0.0 bound to the VNode of `b1`.
+    fn module_pod(module: &str, uid: &str) -> Arc<Pod> {
         let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "biz1-a", "namespace": "default", "uid": "u1",
+            "metadata": {"name": format!("{module}-a"), "namespace": "default", "uid": uid,
                 "labels": {"virtual-kubelet.koupleless.io/component": "module"}},
-            "spec": {"nodeName": "vnode.b1.dev", "containers": [{"name": "biz1",
-                "image": "https://repo.example/biz1-1.0.0-ark-biz.jar",
+            "spec": {"nodeName": "vnode.b1.dev", "containers": [{"name": module,
+                "image": format!("https://repo.example/{module}-1.0.0-ark-biz.jar"),
                 "env": [{"name": "BIZ_VERSION", "value": "1.0.0"}]}]}
         }))
         .expect("pod");
@@ -889,7 +959,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_install_goes_out_while_the_apiserver_is_still_answering_earlier_writes() {
         let tunnel = Arc::new(crate::base::testing::RecordingTunnel::default());
-        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answered = Answered::default();
         let actor =
             slow_apiserver_actor_with(tunnel.clone(), answered.clone(), BaseMetrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -921,7 +991,10 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let in_flight_then = answered.load(std::sync::atomic::Ordering::SeqCst) == 0;
+        let in_flight_then = answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
         task.abort();
         let install_at = install_at.expect("installBiz sent");
         let waited = install_at.saturating_duration_since(bound_at);
@@ -939,11 +1012,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_heartbeat_that_changes_nothing_costs_no_plan() {
         let metrics = BaseMetrics::default();
-        let actor = slow_apiserver_actor_with(
-            Arc::new(NoTunnel),
-            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            metrics.clone(),
-        );
+        let actor =
+            slow_apiserver_actor_with(Arc::new(NoTunnel), Answered::default(), metrics.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(actor.run(rx));
         let beat = |ip: &str| {
@@ -976,6 +1046,104 @@ mod tests {
         assert!(settled >= 1, "the task never planned");
         assert_eq!(idle, 0, "plans on 24 heartbeats that changed nothing");
         assert_eq!(after_news, 1, "plans on a heartbeat with a new IP");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pod_bound_while_another_pods_status_is_being_written_does_not_wait_for_it() {
+        let answered = Answered::default();
+        let actor =
+            slow_apiserver_actor_with(Arc::new(NoTunnel), answered.clone(), BaseMetrics::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        let running = |name: &str| crate::model::ModuleStatus {
+            name: name.into(),
+            version: "1.0.0".into(),
+            state: crate::model::BizState::Activated,
+            change_time_ms: None,
+            reason: None,
+            message: None,
+        };
+        // Both modules run already: each pod is Ready in one write as soon as it binds.
+        tx.send(heartbeat(BaseLifecycle::Activated))
+            .expect("task alive");
+        tx.send(BaseMsg::PodsSynced(Vec::new()))
+            .expect("task alive");
+        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(vec![
+            running("biz1"),
+            running("biz2"),
+        ])))
+        .expect("task alive");
+        let start = Instant::now();
+        tx.send(BaseMsg::PodUpsert(module_pod("biz1", "u1")))
+            .expect("task alive");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tx.send(BaseMsg::PodUpsert(module_pod("biz2", "u2")))
+            .expect("task alive");
+        // Heartbeats keep the base alive (the liveness timeout is 250 ms).
+        for _ in 0..36 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(heartbeat(BaseLifecycle::Activated))
+                .expect("task alive");
+        }
+        task.abort();
+        let status_writes: Vec<Duration> = answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, what)| what.starts_with("PATCH /api/v1/namespaces/default/pods/"))
+            .map(|(at, _)| at.saturating_duration_since(start))
+            .collect();
+        assert_eq!(status_writes.len(), 2, "{status_writes:?}");
+        // Each is answered 700 ms after it went out; one after the other, the second would
+        // be answered some 1.4 s after the first pod bound.
+        assert!(
+            status_writes[1] < Duration::from_millis(1100),
+            "the second pod's status was written only after the first's: {status_writes:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pod_whose_status_writes_fail_is_retried_with_backoff_not_in_a_loop() {
+        let (metrics, answered) = (BaseMetrics::default(), Answered::default());
+        let actor =
+            slow_apiserver_actor_with(Arc::new(NoTunnel), answered.clone(), metrics.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        tx.send(heartbeat(BaseLifecycle::Activated))
+            .expect("task alive");
+        tx.send(BaseMsg::PodsSynced(vec![module_pod("broken", "u1")]))
+            .expect("task alive");
+        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(vec![
+            crate::model::ModuleStatus {
+                name: "broken".into(),
+                version: "1.0.0".into(),
+                state: crate::model::BizState::Activated,
+                change_time_ms: None,
+                reason: None,
+                message: None,
+            },
+        ])))
+        .expect("task alive");
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(heartbeat(BaseLifecycle::Activated))
+                .expect("task alive");
+        }
+        task.abort();
+        let attempts = answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, what)| what.contains("/pods/broken"))
+            .count();
+        // 3 s: the first write fails after 700 ms, the retries wait 0.5 s, 1 s … (and the
+        // idle beat of 2 s). Planning at once after every job would plan thousands of times.
+        assert!(attempts >= 1, "the status was never written");
+        assert!(
+            metrics.plans() < 20,
+            "{} plans in 3 s for one pod whose writes fail",
+            metrics.plans()
+        );
     }
 
     #[test]

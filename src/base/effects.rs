@@ -507,10 +507,31 @@ pub struct PodJobDone {
     removals: Vec<(String, Result<(), kube::Error>)>,
 }
 
+impl PodJobDone {
+    /// Whether the job wrote nothing and failed nothing: all its writes wait out a backoff.
+    pub fn did_nothing(&self) -> bool {
+        self.statuses.is_empty() && self.removals.is_empty()
+    }
+}
+
 impl PodJob {
     /// Whether the job has nothing to write.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.removals.is_empty()
+    }
+
+    /// Whether it makes a pod NotReady (a Ready write must not overtake it).
+    pub fn lowers(&self) -> bool {
+        self.changes.iter().any(|c| c.from_ready && !c.to_ready)
+    }
+
+    /// The pods it writes or removes (uids).
+    pub fn pods(&self) -> HashSet<String> {
+        self.writes
+            .iter()
+            .map(|w| w.uid.clone())
+            .chain(self.removals.iter().map(|(uid, _, _)| uid.clone()))
+            .collect()
     }
 
     /// Performs the writes.

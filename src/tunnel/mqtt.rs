@@ -225,7 +225,13 @@ impl MqttTunnel {
         pool: Option<Pool>,
     ) -> Result<MqttTunnel, TunnelError> {
         let opts = mqtt_options(settings)?;
-        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        // Commands are small and each waits for its answer: Nagle's algorithm would hold one
+        // back until the broker acknowledges the previous packet (40 ms with delayed ACKs),
+        // on the critical path of every install.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let initial = plugin_codecs.borrow_and_update().clone();
         let shared = Arc::new(Shared {
             client,

@@ -146,6 +146,10 @@ pub struct BaseConfig {
     pub heartbeat_stops_after_publish_failure: bool,
     /// MQTT keep-alive.
     pub mqtt_keep_alive: Duration,
+    /// Disable Nagle's algorithm on the MQTT socket. Paho, Arklet's client, leaves it on
+    /// (`TCPNetworkModule.start` sets no TCP_NODELAY): a reply published right after the
+    /// PUBACK of a QoS 1 command waits for the broker's (delayed) ACK, ~40 ms on Linux.
+    pub tcp_nodelay: bool,
 }
 
 impl BaseConfig {
@@ -182,6 +186,7 @@ impl BaseConfig {
             mqtt_workers: 5,
             heartbeat_stops_after_publish_failure: false,
             mqtt_keep_alive: Duration::from_secs(60),
+            tcp_nodelay: false,
         }
     }
 

@@ -132,7 +132,12 @@ pub(crate) async fn start(
     if let Some(user) = &cfg.mqtt_username {
         opts.set_credentials(user.clone(), cfg.mqtt_password.clone().unwrap_or_default());
     }
-    let (client, eventloop) = AsyncClient::new(opts, 64);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    if cfg.tcp_nodelay {
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+    }
     let ctx = Arc::new(Ctx {
         prefix: cfg.topic_prefix(),
         shared: shared.clone(),

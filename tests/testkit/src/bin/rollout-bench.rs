@@ -32,6 +32,10 @@ struct Args {
     /// How long each module takes to start on a base (stays RESOLVED meanwhile).
     #[arg(long, default_value_t = 0)]
     install_latency_ms: u64,
+    /// Bases disable Nagle's algorithm on their MQTT socket (Paho, a real Arklet's client,
+    /// does not).
+    #[arg(long)]
+    base_tcp_nodelay: bool,
 }
 
 fn deployment(
@@ -179,6 +183,13 @@ async fn rollout(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Logs only when asked (RUST_LOG), to trace one pod's critical path.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let n = args.bases;
     let cp = ControlPlane::start(ControlPlaneOptions::default())
         .await
@@ -227,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
     template.name = "benchbase".into();
     template.heartbeat_interval = Duration::from_secs(2);
     template.install_time = Duration::from_millis(args.install_latency_ms);
+    template.tcp_nodelay = args.base_tcp_nodelay;
     let fleet = Fleet::start(
         n,
         template,
@@ -248,8 +260,14 @@ async fn main() -> anyhow::Result<()> {
         .collect();
 
     println!(
-        "rolling update of {n} module pods (maxSurge 1, maxUnavailable 0), install latency {} ms",
-        args.install_latency_ms
+        "rolling update of {n} module pods (maxSurge 1, maxUnavailable 0), install latency {} ms, \
+         bases' MQTT sockets {}",
+        args.install_latency_ms,
+        if args.base_tcp_nodelay {
+            "TCP_NODELAY"
+        } else {
+            "with Nagle's algorithm (as Paho's)"
+        }
     );
     println!(
         "  baseline (pods Ready when bound):  {:>8.2} s",

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
@@ -541,15 +541,17 @@ impl BaseActor {
         // decided again once those writes are through.
         let lowering = self.pod_jobs_held.values().any(|h| h.lowers);
         let busy = |uid: &String| self.pod_jobs_held.values().any(|h| h.pods.contains(uid));
+        let raises = |uid: &String, st: &PodStatus| {
+            is_ready(Some(st))
+                && !self
+                    .bound
+                    .pods
+                    .get(uid)
+                    .is_some_and(|p| is_ready(p.status()))
+        };
         statuses.retain(|(uid, st)| {
-            !busy(uid)
-                && !(lowering
-                    && is_ready(Some(st))
-                    && !self
-                        .bound
-                        .pods
-                        .get(uid)
-                        .is_some_and(|p| is_ready(p.status())))
+            let held = busy(uid) || (lowering && raises(uid, st));
+            !held
         });
         let deletes: Vec<String> = decided
             .delete_pods

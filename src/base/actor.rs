@@ -266,14 +266,30 @@ impl BaseActor {
 
     fn handle(&mut self, m: BaseMsg) {
         let now = Instant::now();
-        if let BaseMsg::Event(ev) = m {
-            // Most events are heartbeats that change nothing: they must not cost a plan.
-            self.dirty |= self.on_event(ev, now);
-            return;
-        }
+        let m = match m {
+            BaseMsg::Event(ev) => {
+                // Most events are heartbeats that change nothing: they must not cost a plan.
+                self.dirty |= self.on_event(ev, now);
+                return;
+            }
+            BaseMsg::Wanted(w) => {
+                // Every base hears of every change (a pod bound or created anywhere); it only
+                // matters to a base that runs a module whose place in the set changed.
+                let old = &self.bound.wanted;
+                self.dirty |= self
+                    .ledger
+                    .reported
+                    .as_ref()
+                    .is_none_or(|r| r.keys().any(|k| w.contains(k) != old.contains(k)));
+                debug!(wanted = ?w, "modules unbound pods ask for");
+                self.bound.wanted = w;
+                return;
+            }
+            m => m,
+        };
         self.dirty = true;
         match m {
-            BaseMsg::Event(_) => {}
+            BaseMsg::Event(_) | BaseMsg::Wanted(_) => {}
             BaseMsg::PodUpsert(pod) => self.bound.upsert(pod),
             BaseMsg::PodRemoved(uid) => {
                 self.bound.pods.remove(&uid);
@@ -303,10 +319,6 @@ impl BaseActor {
                 }
             }
             BaseMsg::Rollouts(r) => self.bound.rollouts = r,
-            BaseMsg::Wanted(w) => {
-                debug!(wanted = ?w, "modules unbound pods ask for");
-                self.bound.wanted = w;
-            }
             BaseMsg::Peers(p) => self.bound.peers = p,
             BaseMsg::Ownership(owned) => {
                 if owned && !self.owned {
@@ -1048,6 +1060,57 @@ mod tests {
         assert!(settled >= 1, "the task never planned");
         assert_eq!(idle, 0, "plans on 24 heartbeats that changed nothing");
         assert_eq!(after_news, 1, "plans on a heartbeat with a new IP");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_wanted_modules_the_base_runs_cost_it_a_plan() {
+        let metrics = BaseMetrics::default();
+        let actor =
+            slow_apiserver_actor_with(Arc::new(NoTunnel), Answered::default(), metrics.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        let wanted = |keys: &[(&str, &str)]| {
+            BaseMsg::Wanted(Arc::new(
+                keys.iter().map(|(n, v)| ModuleKey::new(n, v)).collect(),
+            ))
+        };
+        tx.send(heartbeat(BaseLifecycle::Activated))
+            .expect("task alive");
+        tx.send(BaseMsg::PodsSynced(Vec::new()))
+            .expect("task alive");
+        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(vec![
+            crate::model::ModuleStatus {
+                name: "biz1".into(),
+                version: "1.0.0".into(),
+                state: crate::model::BizState::Activated,
+                change_time_ms: None,
+                reason: None,
+                message: None,
+            },
+        ])))
+        .expect("task alive");
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(heartbeat(BaseLifecycle::Activated))
+                .expect("task alive");
+        }
+        let settled = metrics.plans();
+        // Pods elsewhere come and go: modules this base does not run.
+        for i in 0..10 {
+            tx.send(wanted(&[("biz2", "1.0.0"), ("biz3", &i.to_string())]))
+                .expect("task alive");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(heartbeat(BaseLifecycle::Activated))
+                .expect("task alive");
+        }
+        let elsewhere = metrics.plans() - settled;
+        // An unbound pod now asks for the module this base runs (and no pod here does).
+        tx.send(wanted(&[("biz1", "1.0.0")])).expect("task alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let here = metrics.plans() - settled - elsewhere;
+        task.abort();
+        assert_eq!(elsewhere, 0, "plans for modules the base does not run");
+        assert_eq!(here, 1, "plans when a module it runs is wanted");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -375,9 +375,8 @@ impl BaseActor {
                     info!("base announced shutdown; draining");
                 }
                 // The plan reads the heartbeat (the pods' IP, the labels peers select on).
-                let news = back || self.node.heartbeat.as_ref() != Some(&hb);
-                self.node.on_heartbeat(hb, now);
-                return news;
+                let changed = self.node.on_heartbeat(hb, now);
+                return back || changed;
             }
             TunnelEvent::QueryBaseline(md) => {
                 self.node.seen(now);
@@ -897,6 +896,51 @@ mod tests {
         )))
     }
 
+    /// Module `name` 1.0.0, active on the base.
+    fn running(name: &str) -> crate::model::ModuleStatus {
+        crate::model::ModuleStatus {
+            name: name.into(),
+            version: "1.0.0".into(),
+            state: crate::model::BizState::Activated,
+            change_time_ms: None,
+            reason: None,
+            message: None,
+        }
+    }
+
+    /// Starts the task of `b1` on the slow apiserver, with `pods` bound to its VNode and
+    /// `modules` running on the base.
+    fn start_base(
+        answered: Answered,
+        metrics: BaseMetrics,
+        pods: Vec<Arc<Pod>>,
+        modules: Vec<crate::model::ModuleStatus>,
+    ) -> (
+        tokio::task::JoinHandle<ActorExit>,
+        mpsc::UnboundedSender<BaseMsg>,
+    ) {
+        let actor = slow_apiserver_actor_with(Arc::new(NoTunnel), answered, metrics);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        for m in [
+            heartbeat(BaseLifecycle::Activated),
+            BaseMsg::PodsSynced(pods),
+            BaseMsg::Event(TunnelEvent::ModuleList(modules)),
+        ] {
+            tx.send(m).expect("task alive");
+        }
+        (task, tx)
+    }
+
+    /// Heartbeats every 50 ms, `beats` times (the liveness timeout is 250 ms).
+    async fn keep_alive(tx: &mpsc::UnboundedSender<BaseMsg>, beats: usize) {
+        for _ in 0..beats {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(heartbeat(BaseLifecycle::Activated))
+                .expect("task alive");
+        }
+    }
+
     /// Starts the task and a heartbeat every 50 ms until the returned token is cancelled.
     fn run_with_heartbeats() -> (
         tokio::task::JoinHandle<ActorExit>,
@@ -1026,34 +1070,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_heartbeat_that_changes_nothing_costs_no_plan() {
         let metrics = BaseMetrics::default();
-        let actor =
-            slow_apiserver_actor_with(Arc::new(NoTunnel), Answered::default(), metrics.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(actor.run(rx));
-        let beat = |ip: &str| {
-            let mut hb = crate::base::testing::heartbeat(BaseLifecycle::Activated);
-            hb.local_ip = ip.into();
-            BaseMsg::Event(TunnelEvent::Heartbeat(hb))
-        };
-        tx.send(beat("10.0.0.1")).expect("task alive");
-        tx.send(BaseMsg::PodsSynced(Vec::new()))
-            .expect("task alive");
-        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(Vec::new())))
-            .expect("task alive");
-        // Heartbeats every 50 ms (the liveness timeout is 250 ms) for 1.5 s, less than the
-        // 2 s idle beat: a task that planned on every heartbeat would plan some 30 times.
-        for _ in 0..6 {
-            tx.send(beat("10.0.0.1")).expect("task alive");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (task, tx) = start_base(Answered::default(), metrics.clone(), vec![], vec![]);
+        keep_alive(&tx, 6).await;
         let settled = metrics.plans();
-        for _ in 0..24 {
-            tx.send(beat("10.0.0.1")).expect("task alive");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // 1.2 s of heartbeats, less than the 2 s idle beat: a task that planned on every
+        // heartbeat would plan 24 times.
+        keep_alive(&tx, 24).await;
         let idle = metrics.plans() - settled;
         // A heartbeat with news (the base's IP, the pods' podIP) is planned on.
-        tx.send(beat("10.0.0.2")).expect("task alive");
+        let mut hb = crate::base::testing::heartbeat(BaseLifecycle::Activated);
+        hb.local_ip = "10.0.0.2".into();
+        tx.send(BaseMsg::Event(TunnelEvent::Heartbeat(hb)))
+            .expect("task alive");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after_news = metrics.plans() - settled - idle;
         task.abort();
@@ -1065,43 +1093,24 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_wanted_modules_the_base_runs_cost_it_a_plan() {
         let metrics = BaseMetrics::default();
-        let actor =
-            slow_apiserver_actor_with(Arc::new(NoTunnel), Answered::default(), metrics.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(actor.run(rx));
+        let (task, tx) = start_base(
+            Answered::default(),
+            metrics.clone(),
+            vec![],
+            vec![running("biz1")],
+        );
         let wanted = |keys: &[(&str, &str)]| {
             BaseMsg::Wanted(Arc::new(
                 keys.iter().map(|(n, v)| ModuleKey::new(n, v)).collect(),
             ))
         };
-        tx.send(heartbeat(BaseLifecycle::Activated))
-            .expect("task alive");
-        tx.send(BaseMsg::PodsSynced(Vec::new()))
-            .expect("task alive");
-        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(vec![
-            crate::model::ModuleStatus {
-                name: "biz1".into(),
-                version: "1.0.0".into(),
-                state: crate::model::BizState::Activated,
-                change_time_ms: None,
-                reason: None,
-                message: None,
-            },
-        ])))
-        .expect("task alive");
-        for _ in 0..6 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            tx.send(heartbeat(BaseLifecycle::Activated))
-                .expect("task alive");
-        }
+        keep_alive(&tx, 6).await;
         let settled = metrics.plans();
         // Pods elsewhere come and go: modules this base does not run.
         for i in 0..10 {
             tx.send(wanted(&[("biz2", "1.0.0"), ("biz3", &i.to_string())]))
                 .expect("task alive");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            tx.send(heartbeat(BaseLifecycle::Activated))
-                .expect("task alive");
+            keep_alive(&tx, 1).await;
         }
         let elsewhere = metrics.plans() - settled;
         // An unbound pod now asks for the module this base runs (and no pod here does).
@@ -1116,40 +1125,20 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pod_bound_while_another_pods_status_is_being_written_does_not_wait_for_it() {
         let answered = Answered::default();
-        let actor =
-            slow_apiserver_actor_with(Arc::new(NoTunnel), answered.clone(), BaseMetrics::default());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(actor.run(rx));
-        let running = |name: &str| crate::model::ModuleStatus {
-            name: name.into(),
-            version: "1.0.0".into(),
-            state: crate::model::BizState::Activated,
-            change_time_ms: None,
-            reason: None,
-            message: None,
-        };
         // Both modules run already: each pod is Ready in one write as soon as it binds.
-        tx.send(heartbeat(BaseLifecycle::Activated))
-            .expect("task alive");
-        tx.send(BaseMsg::PodsSynced(Vec::new()))
-            .expect("task alive");
-        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(vec![
-            running("biz1"),
-            running("biz2"),
-        ])))
-        .expect("task alive");
+        let (task, tx) = start_base(
+            answered.clone(),
+            BaseMetrics::default(),
+            vec![],
+            vec![running("biz1"), running("biz2")],
+        );
         let start = Instant::now();
         tx.send(BaseMsg::PodUpsert(module_pod("biz1", "u1")))
             .expect("task alive");
         tokio::time::sleep(Duration::from_millis(150)).await;
         tx.send(BaseMsg::PodUpsert(module_pod("biz2", "u2")))
             .expect("task alive");
-        // Heartbeats keep the base alive (the liveness timeout is 250 ms).
-        for _ in 0..36 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            tx.send(heartbeat(BaseLifecycle::Activated))
-                .expect("task alive");
-        }
+        keep_alive(&tx, 36).await;
         task.abort();
         let status_writes: Vec<Duration> = answered
             .lock()
@@ -1170,30 +1159,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pod_whose_status_writes_fail_is_retried_with_backoff_not_in_a_loop() {
         let (metrics, answered) = (BaseMetrics::default(), Answered::default());
-        let actor =
-            slow_apiserver_actor_with(Arc::new(NoTunnel), answered.clone(), metrics.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(actor.run(rx));
-        tx.send(heartbeat(BaseLifecycle::Activated))
-            .expect("task alive");
-        tx.send(BaseMsg::PodsSynced(vec![module_pod("broken", "u1")]))
-            .expect("task alive");
-        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(vec![
-            crate::model::ModuleStatus {
-                name: "broken".into(),
-                version: "1.0.0".into(),
-                state: crate::model::BizState::Activated,
-                change_time_ms: None,
-                reason: None,
-                message: None,
-            },
-        ])))
-        .expect("task alive");
-        for _ in 0..60 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            tx.send(heartbeat(BaseLifecycle::Activated))
-                .expect("task alive");
-        }
+        let (task, tx) = start_base(
+            answered.clone(),
+            metrics.clone(),
+            vec![module_pod("broken", "u1")],
+            vec![running("broken")],
+        );
+        keep_alive(&tx, 60).await;
         task.abort();
         let attempts = answered
             .lock()

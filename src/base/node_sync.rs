@@ -103,16 +103,19 @@ impl NodeSync {
         self.liveness != Liveness::Alive
     }
 
-    /// A heartbeat arrived; a `deactivated` one starts the drain.
-    pub fn on_heartbeat(&mut self, hb: BaseHeartbeat, now: Instant) {
+    /// A heartbeat arrived; a `deactivated` one starts the drain. True when it says something
+    /// the last one did not.
+    pub fn on_heartbeat(&mut self, hb: BaseHeartbeat, now: Instant) -> bool {
         self.seen(now);
         if hb.lifecycle == BaseLifecycle::Deactivated {
             self.draining = true;
         }
-        if self.heartbeat.as_ref() != Some(&hb) {
+        let changed = self.heartbeat.as_ref() != Some(&hb);
+        if changed {
             self.dirty = true;
             self.heartbeat = Some(hb);
         }
+        changed
     }
 
     /// A health report arrived.

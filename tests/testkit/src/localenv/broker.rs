@@ -165,7 +165,7 @@ log_type notice
 log_type information
 connection_messages true
 log_timestamp true
-# As production brokers do (EMQX's default): without it, every small publish that follows
+# As a broker for bases should be set up: without it, every small publish that follows
 # another waits for the peer's delayed ACK, some 40 ms per hop.
 set_tcp_nodelay true
 "

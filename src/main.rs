@@ -135,7 +135,9 @@ async fn shutdown_signal() {
 }
 
 /// With glibc's malloc the controller's RSS grew by a third over a 5,000-pod rollout and stayed
-/// there; with mimalloc it grew by a tenth (BENCHMARKS.md).
+/// there; with mimalloc it grew by a tenth (BENCHMARKS.md). Feature `system-allocator` drops
+/// it for heap profilers.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::base::effects::{Effects, EffectsDeps, NodeJobDone, PodJobDone};
+use crate::base::effects::{Effects, EffectsDeps, NodeJobDone, PodJobs};
 use crate::base::ledger::ModuleLedger;
-use crate::base::msg::BaseMsg;
+use crate::base::msg::{BaseMsg, WantedModules};
 use crate::base::node_sync::{NodeSync, NodeWrites, VNodeParams, Verdict};
 use crate::base::plan::{self, PlanInput, PodInfo};
 use crate::model::{
@@ -24,7 +24,7 @@ use crate::time::now_time;
 use crate::vnode::liveness::LivenessPolicy;
 use crate::vnode::shape::{self, NodeShapeInput};
 use crate::vpod::spec::{creation_secs, modules_of, owner_of};
-use crate::vpod::status::{Note, is_ready};
+use crate::vpod::status::Note;
 
 /// How often a base task plans when nothing changed but something waits on a clock (a command
 /// retry, a backoff, a grace period, an install timeout).
@@ -103,8 +103,6 @@ struct BoundPods {
     synced: bool,
     held: HashMap<String, Note>,
     rollouts: Arc<HashSet<String>>,
-    /// Modules that unbound pods ask for (they may bind here).
-    wanted: Arc<HashSet<ModuleKey>>,
     /// Peer Deployments of this env.
     peers: Arc<Vec<PeerTemplate>>,
 }
@@ -132,6 +130,8 @@ impl BoundPods {
 
 /// The state of one base.
 pub struct BaseActor {
+    /// Modules that unbound pods ask for (they may bind here), read when planning.
+    wanted: WantedModules,
     tunnel_label: String,
     settings: Arc<ActorSettings>,
     fx: Effects,
@@ -154,12 +154,9 @@ pub struct BaseActor {
     /// The module URLs last recorded for the VNode, and the ledger version they are from.
     urls: (u64, String),
     /// The pod writes in flight. Jobs run side by side (a pod bound a moment after another
-    /// does not wait for the other's write), but a pod is in one job at most, and a job that
-    /// makes a pod Ready never starts while one that makes a pod NotReady is in flight: with
-    /// each job's own waves, NotReady always comes before Ready on a base.
-    pod_jobs: JoinSet<PodJobDone>,
-    /// What each pod job in flight holds.
-    pod_jobs_held: HashMap<tokio::task::Id, HeldByJob>,
+    /// does not wait for the other's write); [`Effects::pod_job`] keeps NotReady before Ready
+    /// across them.
+    pod_jobs: PodJobs,
     /// The VNode writes in flight.
     node_job: Option<JoinHandle<NodeJobDone>>,
     /// Until when "installing" statuses wait for the modules just asked for to start.
@@ -168,10 +165,16 @@ pub struct BaseActor {
 
 impl BaseActor {
     /// A new task state for `base_id`.
-    pub fn new(base_id: &str, settings: Arc<ActorSettings>, deps: EffectsDeps) -> Self {
+    pub fn new(
+        base_id: &str,
+        settings: Arc<ActorSettings>,
+        deps: EffectsDeps,
+        wanted: WantedModules,
+    ) -> Self {
         let now = Instant::now();
         let node_name = shape::node_name(base_id, &settings.env);
         BaseActor {
+            wanted,
             tunnel_label: deps.tunnel.label_for(base_id),
             fx: Effects::new(base_id, &node_name, deps),
             node: NodeSync::new(now),
@@ -186,8 +189,7 @@ impl BaseActor {
             dirty: true,
             last_plan: None,
             urls: (u64::MAX, String::new()),
-            pod_jobs: JoinSet::new(),
-            pod_jobs_held: HashMap::new(),
+            pod_jobs: PodJobs::default(),
             node_job: None,
             executing_grace: None,
             settings,
@@ -204,19 +206,7 @@ impl BaseActor {
                     let Some(m) = m else { return ActorExit::Stopped };
                     self.handle(m);
                 }
-                Some(done) = self.pod_jobs.join_next_with_id(), if !self.pod_jobs.is_empty() => {
-                    let done = match done {
-                        Ok((id, done)) => {
-                            self.pod_jobs_held.remove(&id);
-                            Some(done)
-                        }
-                        Err(e) => {
-                            // Nothing it did is known: its pods are planned again.
-                            self.pod_jobs_held.remove(&e.id());
-                            warn!(error = %e, "a pod write job of the base task did not finish");
-                            None
-                        }
-                    };
+                done = self.pod_jobs.next_done(), if !self.pod_jobs.is_empty() => {
                     // A job whose writes all wait out a backoff changes nothing: planning again
                     // at once would spin until the backoff ends (the idle beat retries it).
                     self.dirty |= done.as_ref().is_none_or(|d| !d.did_nothing());
@@ -272,24 +262,11 @@ impl BaseActor {
                 self.dirty |= self.on_event(ev, now);
                 return;
             }
-            BaseMsg::Wanted(w) => {
-                // Every base hears of every change (a pod bound or created anywhere); it only
-                // matters to a base that runs a module whose place in the set changed.
-                let old = &self.bound.wanted;
-                self.dirty |= self
-                    .ledger
-                    .reported
-                    .as_ref()
-                    .is_none_or(|r| r.keys().any(|k| w.contains(k) != old.contains(k)));
-                debug!(wanted = ?w, "modules unbound pods ask for");
-                self.bound.wanted = w;
-                return;
-            }
             m => m,
         };
         self.dirty = true;
         match m {
-            BaseMsg::Event(_) | BaseMsg::Wanted(_) => {}
+            BaseMsg::Event(_) => {}
             BaseMsg::PodUpsert(pod) => self.bound.upsert(pod),
             BaseMsg::PodRemoved(uid) => {
                 self.bound.pods.remove(&uid);
@@ -548,40 +525,13 @@ impl BaseActor {
                 .collect();
             debug!(pod = %p.name, modules = ?left, alive, ?wanted, "pod leaves the base");
         }
-        // Pods with a write in flight, and Ready writes while a NotReady one is in flight, are
-        // decided again once those writes are through.
-        let lowering = self.pod_jobs_held.values().any(|h| h.lowers);
-        let busy = |uid: &String| self.pod_jobs_held.values().any(|h| h.pods.contains(uid));
-        let raises = |uid: &String, st: &PodStatus| {
-            is_ready(Some(st))
-                && !self
-                    .bound
-                    .pods
-                    .get(uid)
-                    .is_some_and(|p| is_ready(p.status()))
-        };
-        statuses.retain(|(uid, st)| {
-            let held = busy(uid) || (lowering && raises(uid, st));
-            !held
-        });
-        let deletes: Vec<String> = decided
-            .delete_pods
-            .iter()
-            .filter(|uid| !busy(uid))
-            .cloned()
-            .collect();
-        if statuses.is_empty() && deletes.is_empty() {
-            return;
-        }
-        let job = self.fx.pod_job(&self.bound.pods, statuses, &deletes);
-        if !job.is_empty() {
-            let held = HeldByJob {
-                pods: job.pods(),
-                lowers: job.lowers(),
-            };
-            let id = self.pod_jobs.spawn(job.run()).id();
-            self.pod_jobs_held.insert(id, held);
-        }
+        let job = self.fx.pod_job(
+            &self.bound.pods,
+            statuses,
+            &decided.delete_pods,
+            &self.pod_jobs,
+        );
+        self.pod_jobs.spawn(job);
     }
 
     /// The VNode, its status and its Lease, as far as due.
@@ -678,7 +628,7 @@ impl BaseActor {
 
     /// Modules not to uninstall although no pod here asks for them.
     fn wanted(&self) -> HashSet<ModuleKey> {
-        let mut w: HashSet<ModuleKey> = self.bound.wanted.iter().cloned().collect();
+        let mut w: HashSet<ModuleKey> = self.wanted.borrow().iter().cloned().collect();
         w.extend(self.peer_modules().iter().map(ModuleSpec::key));
         w
     }
@@ -718,22 +668,12 @@ impl BaseActor {
     async fn finish(&mut self, exit: ActorExit, reason: &str) -> ActorExit {
         // The VNode and its pods go: what was being written of them no longer matters.
         self.pod_jobs.abort_all();
-        self.pod_jobs_held.clear();
         if let Some(job) = self.node_job.take() {
             job.abort();
         }
         self.fx.remove_vnode(&self.bound.pods, reason).await;
         exit
     }
-}
-
-/// What a pod job in flight holds back from the next ones.
-#[derive(Debug)]
-struct HeldByJob {
-    /// Its pods (uids).
-    pods: HashSet<String>,
-    /// It makes a pod NotReady.
-    lowers: bool,
 }
 
 /// The outcome of a job in flight; pending while there is none. The slot is emptied when the
@@ -887,6 +827,7 @@ mod tests {
                 order: StatusOrder::Lossless,
                 pool: None,
             },
+            tokio::sync::watch::channel(Arc::default()).1,
         )
     }
 
@@ -1091,35 +1032,73 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn only_wanted_modules_the_base_runs_cost_it_a_plan() {
+    async fn what_unbound_pods_want_is_read_when_planning_and_never_wakes_the_task() {
+        let tunnel = Arc::new(crate::base::testing::RecordingTunnel::default());
         let metrics = BaseMetrics::default();
-        let (task, tx) = start_base(
-            Answered::default(),
-            metrics.clone(),
-            vec![],
-            vec![running("biz1")],
-        );
-        let wanted = |keys: &[(&str, &str)]| {
-            BaseMsg::Wanted(Arc::new(
-                keys.iter().map(|(n, v)| ModuleKey::new(n, v)).collect(),
-            ))
-        };
+        let mut actor =
+            slow_apiserver_actor_with(tunnel.clone(), Answered::default(), metrics.clone());
+        let key = |n: &str, v: &str| ModuleKey::new(n, v);
+        let (wanted, rx) =
+            tokio::sync::watch::channel(Arc::new(HashSet::from([key("biz1", "1.0.0")])));
+        actor.wanted = rx;
+        let mut settings = (*actor.settings).clone();
+        settings.orphan_grace = Duration::from_millis(300);
+        actor.settings = Arc::new(settings);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        // The base runs biz1, which no pod here asks for but a pod not bound yet does.
+        for m in [
+            heartbeat(BaseLifecycle::Activated),
+            BaseMsg::PodsSynced(vec![]),
+            BaseMsg::Event(TunnelEvent::ModuleList(vec![running("biz1")])),
+        ] {
+            tx.send(m).expect("task alive");
+        }
         keep_alive(&tx, 6).await;
         let settled = metrics.plans();
-        // Pods elsewhere come and go: modules this base does not run.
+        // Pods elsewhere come and go, this base's module among them: none of it is news here.
         for i in 0..10 {
-            tx.send(wanted(&[("biz2", "1.0.0"), ("biz3", &i.to_string())]))
-                .expect("task alive");
+            wanted.send_replace(Arc::new(HashSet::from([key("biz2", &i.to_string())])));
+            wanted.send_replace(Arc::new(HashSet::from([key("biz1", "1.0.0")])));
             keep_alive(&tx, 1).await;
         }
-        let elsewhere = metrics.plans() - settled;
-        // An unbound pod now asks for the module this base runs (and no pod here does).
-        tx.send(wanted(&[("biz1", "1.0.0")])).expect("task alive");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let here = metrics.plans() - settled - elsewhere;
+        let on_changes = metrics.plans() - settled;
+        // Well past the orphan grace, planned on the idle beat: still wanted, still there.
+        keep_alive(&tx, 50).await;
+        let uninstalls = || {
+            tunnel
+                .sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, c)| matches!(c, BaseCommand::Uninstall(k) if k.name == "biz1"))
+                .count()
+        };
+        let while_wanted = uninstalls();
+        let beats = metrics.plans() - settled - on_changes;
+        // No one wants it any more: it goes once the grace has passed.
+        wanted.send_replace(Arc::default());
+        for _ in 0..120 {
+            if uninstalls() > 0 {
+                break;
+            }
+            keep_alive(&tx, 1).await;
+        }
+        let after = uninstalls();
         task.abort();
-        assert_eq!(elsewhere, 0, "plans for modules the base does not run");
-        assert_eq!(here, 1, "plans when a module it runs is wanted");
+        assert_eq!(
+            on_changes, 0,
+            "plans on changes of what pods elsewhere want"
+        );
+        assert!(
+            beats >= 1,
+            "a module kept for a pod elsewhere is planned on the beat"
+        );
+        assert_eq!(
+            while_wanted, 0,
+            "uninstalled while a pod not bound yet wants it"
+        );
+        assert_eq!(after, 1, "never uninstalled once no one wants it");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

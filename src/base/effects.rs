@@ -2,12 +2,13 @@
 //! the apiserver — pod statuses in safe waves, pod removals, the VNode, its status and Lease,
 //! and Events where users look.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PodStatus;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::apiserver::events::Notice;
@@ -127,7 +128,7 @@ impl Effects {
         pods: &BTreeMap<String, PodInfo>,
         statuses: Vec<(String, PodStatus)>,
     ) -> Vec<(String, PodStatus)> {
-        let job = self.pod_job(pods, statuses, &[]);
+        let job = self.pod_job(pods, statuses, &[], &PodJobs::default());
         let done = job.run().await;
         self.pod_job_done(pods, done).0
     }
@@ -139,23 +140,33 @@ impl Effects {
     /// retried next time, in the same order); then the removals of pods whose modules are gone.
     /// Objects whose writes are failing wait out their backoff. Its outcome goes to
     /// [`Effects::pod_job_done`].
+    ///
+    /// Jobs run side by side, so the same order holds across them: a pod in a job `in_flight`
+    /// is left out (it is decided again once that job is through), and so is every Ready write
+    /// while a job in flight makes a pod NotReady.
     pub fn pod_job(
         &self,
         pods: &BTreeMap<String, PodInfo>,
         statuses: Vec<(String, PodStatus)>,
         deletes: &[String],
+        in_flight: &PodJobs,
     ) -> PodJob {
         let now = Instant::now();
+        let lowering = in_flight.lowering();
         let mut writes = Vec::new();
         let mut changes = Vec::new();
         for (uid, st) in statuses {
             let Some(p) = pods.get(&uid) else { continue };
+            let (from_ready, to_ready) = (is_ready(p.status()), is_ready(Some(&st)));
+            if in_flight.busy(&uid) || (lowering && to_ready && !from_ready) {
+                continue;
+            }
             changes.push(StatusChange {
                 pod_index: writes.len() as u32,
                 creation_ts: p.creation_ts,
                 revision: p.revision,
-                from_ready: is_ready(p.status()),
-                to_ready: is_ready(Some(&st)),
+                from_ready,
+                to_ready,
                 deleting: p.deleting,
             });
             writes.push(PodWrite {
@@ -168,6 +179,7 @@ impl Effects {
         }
         let removals = deletes
             .iter()
+            .filter(|uid| !in_flight.busy(uid))
             .filter_map(|uid| pods.get(uid))
             .filter(|p| self.backoff.ready(&pod_delete_key(&p.uid), now))
             .map(|p| {
@@ -489,6 +501,75 @@ struct PodWrite {
     ready: bool,
 }
 
+/// The pod jobs of a base in flight, and what each holds back from the next ones.
+#[derive(Default)]
+pub struct PodJobs {
+    jobs: JoinSet<PodJobDone>,
+    claims: HashMap<tokio::task::Id, JobClaim>,
+}
+
+/// What a pod job in flight holds back.
+#[derive(Debug)]
+struct JobClaim {
+    /// Its pods (uids).
+    pods: HashSet<String>,
+    /// It makes a pod NotReady.
+    lowers: bool,
+}
+
+impl PodJobs {
+    /// Starts `job` (nothing when it is empty).
+    pub fn spawn(&mut self, job: PodJob) {
+        if job.is_empty() {
+            return;
+        }
+        let claim = JobClaim {
+            pods: job.pods(),
+            lowers: job.lowers(),
+        };
+        let id = self.jobs.spawn(job.run()).id();
+        self.claims.insert(id, claim);
+    }
+
+    /// Whether no job is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// The next job to end: `None` if it panicked or was aborted (nothing it did is known);
+    /// pending while none is in flight.
+    pub async fn next_done(&mut self) -> Option<PodJobDone> {
+        let Some(done) = self.jobs.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        match done {
+            Ok((id, done)) => {
+                self.claims.remove(&id);
+                Some(done)
+            }
+            Err(e) => {
+                self.claims.remove(&e.id());
+                warn!(error = %e, "a pod write job of the base task did not finish");
+                None
+            }
+        }
+    }
+
+    /// Stops every job.
+    pub fn abort_all(&mut self) {
+        self.jobs.abort_all();
+        self.claims.clear();
+    }
+
+    fn busy(&self, uid: &str) -> bool {
+        self.claims.values().any(|c| c.pods.contains(uid))
+    }
+
+    fn lowering(&self) -> bool {
+        self.claims.values().any(|c| c.lowers)
+    }
+}
+
 /// The pod writes one plan decided (see [`Effects::pod_job`]).
 pub struct PodJob {
     api: Api,
@@ -772,6 +853,30 @@ mod tests {
             .expect("returns")
             .expect("task");
         assert!(written.is_empty(), "{written:?}");
+    }
+
+    #[tokio::test]
+    async fn a_ready_write_does_not_start_while_another_job_makes_a_pod_not_ready() {
+        let (fx, mut handle) = effects();
+        let pods = pods();
+        let mut jobs = PodJobs::default();
+        jobs.spawn(fx.pod_job(&pods, vec![("old".into(), status(false))], &[], &jobs));
+        let (first, send) = expect_request(&mut handle).await;
+        assert_eq!(first, "PATCH /api/v1/namespaces/ns/pods/old/status");
+        // While the NotReady write is in flight, a second job is asked for the Ready write
+        // and another write of the same pod: both are left for later.
+        let second = fx.pod_job(
+            &pods,
+            vec![("new".into(), status(true)), ("old".into(), status(false))],
+            &[],
+            &jobs,
+        );
+        assert!(second.is_empty(), "{:?}", second.pods());
+        send.send_response(ok_pod("old"));
+        assert!(jobs.next_done().await.is_some_and(|d| !d.did_nothing()));
+        // Once it is through, the Ready write goes.
+        let third = fx.pod_job(&pods, vec![("new".into(), status(true))], &[], &jobs);
+        assert_eq!(third.pods(), HashSet::from(["new".to_string()]));
     }
 
     #[tokio::test]

@@ -38,6 +38,8 @@ pub struct ModuleLedger {
     pub orphan_since: HashMap<ModuleKey, Instant>,
     /// How often each parked version was reinstalled to activate it.
     pub reactivations: HashMap<ModuleKey, u32>,
+    /// The last plan kept a module only because something outside this base wants it.
+    kept_for_elsewhere: bool,
     urls_version: u64,
     next_query_at: Instant,
     last_query_at: Option<Instant>,
@@ -59,6 +61,7 @@ impl ModuleLedger {
             urls: HashMap::new(),
             orphan_since: HashMap::new(),
             reactivations: HashMap::new(),
+            kept_for_elsewhere: false,
             urls_version: 0,
             next_query_at: now,
             last_query_at: None,
@@ -258,6 +261,7 @@ impl ModuleLedger {
 
     /// Dates the modules no pod asks for (the grace period counts from the first time).
     pub fn track_orphans(&mut self, plan: &Plan, now: Instant) {
+        self.kept_for_elsewhere = !plan.kept_for_elsewhere.is_empty();
         let current: std::collections::HashSet<&ModuleKey> = plan.orphans.iter().collect();
         self.orphan_since.retain(|k, _| current.contains(k));
         for k in &plan.orphans {
@@ -384,14 +388,16 @@ impl ModuleLedger {
     }
 
     /// Whether a plan could change with time alone: a command awaiting its answer or retry, a
-    /// failure waiting out its backoff, a module kept for a hand-over or as an orphan, or one
-    /// the base is still starting (it may time out). Without any, only news changes a plan.
+    /// failure waiting out its backoff, a module kept for a hand-over, as an orphan or for a
+    /// pod not bound yet (whose wish is read, not sent), or one the base is still starting (it
+    /// may time out). Without any, only news changes a plan.
     pub fn waits_on_clock(&self) -> bool {
         !self.inflight.is_empty()
             || !self.failures.is_empty()
             || !self.uninstall_failures.is_empty()
             || !self.retained.is_empty()
             || !self.orphan_since.is_empty()
+            || self.kept_for_elsewhere
             || self
                 .reported
                 .as_ref()
@@ -543,6 +549,15 @@ mod tests {
         assert!(!l.waits_on_clock());
         l.orphan_since.insert(ModuleKey::new("biz", "1"), now);
         assert!(l.waits_on_clock(), "an orphan's grace runs out");
+        l.orphan_since.clear();
+        let kept = Plan {
+            kept_for_elsewhere: vec![ModuleKey::new("biz", "1")],
+            ..Plan::default()
+        };
+        l.track_orphans(&kept, now);
+        assert!(l.waits_on_clock(), "what pods elsewhere want can change");
+        l.track_orphans(&Plan::default(), now);
+        assert!(!l.waits_on_clock());
     }
 
     #[test]

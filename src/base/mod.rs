@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 
 pub use actor::{ActorExit, ActorSettings, BaseActor, StatusOrder};
 pub use effects::EffectsDeps;
-pub use msg::BaseMsg;
+pub use msg::{BaseMsg, WantedModules, WantedModulesTx};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CmdLabel {

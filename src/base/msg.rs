@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::model::{BaseMetadata, ModuleKey, ModuleSpec, TunnelEvent};
 use crate::peer::PeerTemplate;
@@ -33,8 +33,6 @@ pub enum BaseMsg {
     /// Batch-policy holds for pods on this base (replaces the previous holds of those pods;
     /// `None` releases a pod).
     Holds(Vec<(String, Option<Note>)>),
-    /// Modules that pods not bound anywhere yet ask for (replaces the previous set).
-    Wanted(Arc<HashSet<ModuleKey>>),
     /// The peer Deployments of this env (replaces the previous list).
     Peers(Arc<Vec<PeerTemplate>>),
     /// This replica now drives the base (`true`) or only observes it (`false`).
@@ -45,3 +43,12 @@ pub enum BaseMsg {
         urls: Option<String>,
     },
 }
+
+/// Modules that pods not bound anywhere yet ask for, as the index last saw them. A task reads
+/// it when it plans; a change is not sent to the tasks, as it is news to almost none of them
+/// and, sent, woke every base task on every pod created or bound anywhere (at 1,000 bases and
+/// 20 pod events a second, 20,000 wake-ups a second).
+pub type WantedModules = watch::Receiver<Arc<HashSet<ModuleKey>>>;
+
+/// Where the index publishes [`WantedModules`].
+pub type WantedModulesTx = watch::Sender<Arc<HashSet<ModuleKey>>>;

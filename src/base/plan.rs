@@ -175,6 +175,10 @@ pub struct Plan {
     pub reinstalls: Vec<(ModuleSpec, String)>,
     /// Modules on the base that no pod asks for now (the ledger dates them).
     pub orphans: Vec<ModuleKey>,
+    /// Modules on the base that no pod here asks for, kept because a pod not bound yet or a
+    /// peer Deployment wants them: that can change without news to this base, so it plans
+    /// again on the idle beat.
+    pub kept_for_elsewhere: Vec<ModuleKey>,
     /// Installed-but-parked versions a pod wants again: uninstalled now, installed next.
     pub reactivate: Vec<ModuleKey>,
 }
@@ -349,10 +353,12 @@ pub fn plan(i: &PlanInput<'_>) -> Plan {
                 .flat_map(|p| p.specs().map(ModuleSpec::key))
                 .chain(i.retained.keys().cloned())
                 .collect();
-            let mut unwanted: Vec<&ModuleKey> = reported
+            let (elsewhere, mut unwanted): (Vec<&ModuleKey>, Vec<&ModuleKey>) = reported
                 .keys()
-                .filter(|k| !keep.contains(k) && !retained(k) && !i.wanted.contains(k))
-                .collect();
+                .filter(|k| !keep.contains(k) && !retained(k))
+                .partition(|k| i.wanted.contains(k));
+            out.kept_for_elsewhere = elsewhere.into_iter().cloned().collect();
+            out.kept_for_elsewhere.sort();
             unwanted.sort();
             for key in unwanted {
                 let expired = leaving.contains(key)
@@ -810,11 +816,11 @@ mod tests {
             p.uninstalls.is_empty() && p.orphans.is_empty(),
             "a pending pod wants it"
         );
+        assert_eq!(p.kept_for_elsewhere, vec![ModuleKey::new("m", "9")]);
         fx.wanted.clear();
-        assert_eq!(
-            fx.plan(true, true).uninstalls,
-            vec![ModuleKey::new("m", "9")]
-        );
+        let p = fx.plan(true, true);
+        assert_eq!(p.uninstalls, vec![ModuleKey::new("m", "9")]);
+        assert!(p.kept_for_elsewhere.is_empty());
     }
 
     #[test]

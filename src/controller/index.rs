@@ -177,12 +177,12 @@ impl Index {
         self.rollouts.clone()
     }
 
-    /// What the task of VNode `node` must hear first when it starts, in order: rollouts,
-    /// wanted modules, peer Deployments, holds, its pods.
+    /// What the task of VNode `node` must hear first when it starts, in order: rollouts, peer
+    /// Deployments, holds, its pods (the wanted modules it reads from [`Out::Wanted`]'s
+    /// latest).
     pub fn bootstrap(&self, node: &str) -> Vec<BaseMsg> {
         let mut out = vec![
             BaseMsg::Rollouts(self.rollouts.clone()),
-            BaseMsg::Wanted(self.wanted.clone()),
             BaseMsg::Peers(self.peers.clone()),
         ];
         if !self.synced() {
@@ -897,7 +897,7 @@ mod tests {
         // A new task for b1 learns the hold before its pods.
         let boot = ix.bootstrap("vnode.b1.dev");
         assert!(
-            matches!(boot.as_slice(), [BaseMsg::Rollouts(_), BaseMsg::Wanted(_), BaseMsg::Peers(_), BaseMsg::Holds(_), BaseMsg::PodsSynced(p)] if p.len() == 1)
+            matches!(boot.as_slice(), [BaseMsg::Rollouts(_), BaseMsg::Peers(_), BaseMsg::Holds(_), BaseMsg::PodsSynced(p)] if p.len() == 1)
         );
         // The policy is dropped from the Deployment: the hold is released.
         let out = ix.on_deployment_event(watcher::Event::Apply(deployment(false)), now);

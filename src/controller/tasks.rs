@@ -8,7 +8,9 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::apiserver::Api;
-use crate::base::{ActorExit, ActorSettings, BaseActor, BaseMetrics, BaseMsg, EffectsDeps};
+use crate::base::{
+    ActorExit, ActorSettings, BaseActor, BaseMetrics, BaseMsg, EffectsDeps, WantedModulesTx,
+};
 use crate::controller::index::{Index, Out};
 use crate::metrics::ControllerMetrics;
 use crate::offload::Pool;
@@ -50,6 +52,8 @@ pub struct Tasks {
     ids: HashMap<String, String>,
     generation: u64,
     exits: mpsc::UnboundedSender<Exit>,
+    /// What unbound pods want, read by every task when it plans.
+    wanted: WantedModulesTx,
 }
 
 impl Tasks {
@@ -61,6 +65,7 @@ impl Tasks {
             ids: HashMap::new(),
             generation: 0,
             exits,
+            wanted: WantedModulesTx::new(Arc::default()),
         }
     }
 
@@ -101,6 +106,7 @@ impl Tasks {
                 order: self.deps.settings.order,
                 pool: self.deps.pool.clone(),
             },
+            self.wanted.subscribe(),
         );
         let exits = self.exits.clone();
         let span = info_span!("base", id = %base_id);
@@ -139,9 +145,7 @@ impl Tasks {
                     }
                 }
                 Out::Wanted(w) => {
-                    for t in self.tasks.values() {
-                        let _ = t.tx.send(BaseMsg::Wanted(w.clone()));
-                    }
+                    self.wanted.send_replace(w);
                 }
                 Out::Peers(p) => {
                     for t in self.tasks.values() {

@@ -259,7 +259,7 @@ impl BaseActor {
         let m = match m {
             BaseMsg::Event(ev) => {
                 // Most events are heartbeats that change nothing: they must not cost a plan.
-                self.dirty |= self.on_event(ev, now);
+                self.dirty |= self.on_event(*ev, now);
                 return;
             }
             m => m,
@@ -324,7 +324,7 @@ impl BaseActor {
                 reply: tx,
             } => {
                 if self.node.heartbeat.is_none() {
-                    self.metadata = Some(metadata);
+                    self.metadata = Some(*metadata);
                 }
                 self.node.seen(now);
                 self.ledger.base_restarted(now);
@@ -832,7 +832,7 @@ mod tests {
     }
 
     fn heartbeat(lifecycle: BaseLifecycle) -> BaseMsg {
-        BaseMsg::Event(TunnelEvent::Heartbeat(crate::base::testing::heartbeat(
+        BaseMsg::from(TunnelEvent::Heartbeat(crate::base::testing::heartbeat(
             lifecycle,
         )))
     }
@@ -866,7 +866,7 @@ mod tests {
         for m in [
             heartbeat(BaseLifecycle::Activated),
             BaseMsg::PodsSynced(pods),
-            BaseMsg::Event(TunnelEvent::ModuleList(modules)),
+            BaseMsg::from(TunnelEvent::ModuleList(modules)),
         ] {
             tx.send(m).expect("task alive");
         }
@@ -967,7 +967,7 @@ mod tests {
             .expect("task alive");
         tx.send(BaseMsg::PodsSynced(Vec::new()))
             .expect("task alive");
-        tx.send(BaseMsg::Event(TunnelEvent::ModuleList(Vec::new())))
+        tx.send(BaseMsg::from(TunnelEvent::ModuleList(Vec::new())))
             .expect("task alive");
         // The VNode's first writes are now waiting for the apiserver (700 ms each).
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1021,7 +1021,7 @@ mod tests {
         // A heartbeat with news (the base's IP, the pods' podIP) is planned on.
         let mut hb = crate::base::testing::heartbeat(BaseLifecycle::Activated);
         hb.local_ip = "10.0.0.2".into();
-        tx.send(BaseMsg::Event(TunnelEvent::Heartbeat(hb)))
+        tx.send(BaseMsg::from(TunnelEvent::Heartbeat(hb)))
             .expect("task alive");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after_news = metrics.plans() - settled - idle;
@@ -1050,7 +1050,7 @@ mod tests {
         for m in [
             heartbeat(BaseLifecycle::Activated),
             BaseMsg::PodsSynced(vec![]),
-            BaseMsg::Event(TunnelEvent::ModuleList(vec![running("biz1")])),
+            BaseMsg::from(TunnelEvent::ModuleList(vec![running("biz1")])),
         ] {
             tx.send(m).expect("task alive");
         }

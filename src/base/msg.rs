@@ -13,8 +13,9 @@ use crate::vpod::status::Note;
 /// A message to a base task.
 #[derive(Debug)]
 pub enum BaseMsg {
-    /// Something the base said.
-    Event(TunnelEvent),
+    /// Something the base said (boxed, as the larger variants: every queued message takes the
+    /// size of the largest, and each task's channel keeps a block of 32 of them).
+    Event(Box<TunnelEvent>),
     /// A pod bound to this base's VNode was added or changed.
     PodUpsert(Arc<Pod>),
     /// A pod bound to this base's VNode is gone (uid).
@@ -24,7 +25,7 @@ pub enum BaseMsg {
     /// HTTP tunnel: answer a base's queryBaseline.
     Baseline {
         /// Who the base says it is (its labels select peer Deployments before any heartbeat).
-        metadata: BaseMetadata,
+        metadata: Box<BaseMetadata>,
         /// Where the answer goes.
         reply: oneshot::Sender<Vec<ModuleSpec>>,
     },
@@ -52,3 +53,25 @@ pub type WantedModules = watch::Receiver<Arc<HashSet<ModuleKey>>>;
 
 /// Where the index publishes [`WantedModules`].
 pub type WantedModulesTx = watch::Sender<Arc<HashSet<ModuleKey>>>;
+
+impl From<TunnelEvent> for BaseMsg {
+    fn from(ev: TunnelEvent) -> Self {
+        BaseMsg::Event(Box::new(ev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_message_stays_small() {
+        // A task's channel holds blocks of 32 messages; at 200 bytes a message (an unboxed
+        // heartbeat) that was 6 KB per base, kept for the task's life.
+        assert!(
+            std::mem::size_of::<BaseMsg>() <= 32,
+            "{} bytes",
+            std::mem::size_of::<BaseMsg>()
+        );
+    }
+}

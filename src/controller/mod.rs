@@ -641,7 +641,7 @@ impl Loop {
                 return;
             }
         }
-        self.tasks.send(&node, BaseMsg::Event(ev.event));
+        self.tasks.send(&node, BaseMsg::from(ev.event));
     }
 
     fn count_unknown(&self, tunnel: &str) {
@@ -668,7 +668,7 @@ impl Loop {
         self.tasks.send(
             &node,
             BaseMsg::Baseline {
-                metadata: req.metadata,
+                metadata: Box::new(req.metadata),
                 reply: req.reply,
             },
         );

@@ -28,18 +28,30 @@ pub trait Slim {
 
 impl Slim for k8s_openapi::api::core::v1::Pod {
     /// A module pod's containers are modules: their volumes (the service-account token that
-    /// admission adds to every pod), mounts, probes and hooks mean nothing to a base. Only
-    /// watches see the trimmed pod; the controller writes pods by status patches only.
+    /// admission adds to every pod), mounts, probes, hooks, resources and env other than the
+    /// module's version mean nothing to a base, nor does the pod's affinity once it is bound
+    /// (the scheduler has read it). Only watches see the trimmed pod; the controller writes
+    /// pods by status patches only.
     fn slim(&mut self) {
         let Some(spec) = self.spec.as_mut() else {
             return;
         };
         spec.volumes = None;
+        spec.affinity = None;
+        spec.topology_spread_constraints = None;
         for c in spec
             .containers
             .iter_mut()
             .chain(spec.init_containers.iter_mut().flatten())
         {
+            if let Some(env) = c.env.as_mut() {
+                env.retain(|e| e.name == crate::vpod::spec::BIZ_VERSION_ENV);
+            }
+            c.env_from = None;
+            c.resources = None;
+            c.ports = None;
+            c.command = None;
+            c.args = None;
             c.volume_mounts = None;
             c.volume_devices = None;
             c.liveness_probe = None;
@@ -277,8 +289,12 @@ mod tests {
                 "nodeSelector": {"base.koupleless.io/name": "base"},
                 "tolerations": [{"key": "schedule.koupleless.io/virtual-node", "operator": "Exists"}],
                 "volumes": [{"name": "kube-api-access-x", "projected": {"sources": []}}],
+                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
                 "containers": [{"name": "biz1", "image": "https://repo/biz1.jar",
-                    "env": [{"name": "BIZ_VERSION", "value": "1.0.0"}],
+                    "env": [{"name": "JAVA_OPTS", "value": "-Xmx1g"},
+                        {"name": "BIZ_VERSION", "value": "1.0.0"}],
+                    "resources": {"requests": {"cpu": "100m"}},
                     "volumeMounts": [{"name": "kube-api-access-x", "mountPath": "/var/run"}],
                     "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]
             }
@@ -290,9 +306,10 @@ mod tests {
         let spec = pod.spec.as_ref().expect("spec");
         assert_eq!(spec.node_name.as_deref(), Some("vnode.b1.dev"));
         assert!(spec.node_selector.is_some() && spec.tolerations.is_some());
-        assert!(spec.volumes.is_none());
+        assert!(spec.volumes.is_none() && spec.affinity.is_none());
         let c = &spec.containers[0];
         assert!(c.volume_mounts.is_none() && c.readiness_probe.is_none());
+        assert!(c.resources.is_none());
         assert_eq!(c.env.as_ref().map(Vec::len), Some(1));
     }
 }

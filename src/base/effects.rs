@@ -730,7 +730,7 @@ mod tests {
             deleting: false,
             owner: None,
             modules: vec![],
-            written: Some(status(ready)),
+            written: Some(Box::new(status(ready))),
             pod: Arc::new(pod),
         }
     }

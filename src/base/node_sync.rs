@@ -68,7 +68,9 @@ pub struct NodeSync {
     liveness: Liveness,
     ready_since: Time,
     node_uid: Option<String>,
-    applied: Option<Node>,
+    /// What the last applied Node was made of (labels, annotations, spec), as a fingerprint:
+    /// the Node itself, kept for the comparison, was some 4 KB a base.
+    applied: Option<u64>,
     status: Option<NodeStatus>,
     status_at: Option<Instant>,
     lease_at: Option<Instant>,
@@ -197,13 +199,8 @@ impl NodeSync {
             module_urls: Some(module_urls),
         };
         let desired = shape::node(&input);
-        let apply = (self.node_uid.is_none()
-            || self.applied.as_ref().is_none_or(|n| {
-                n.metadata.labels != desired.metadata.labels
-                    || n.metadata.annotations != desired.metadata.annotations
-                    || n.spec != desired.spec
-            }))
-        .then_some(desired);
+        let apply = (self.node_uid.is_none() || self.applied != Some(fingerprint(&desired)))
+            .then_some(desired);
         let readiness = if alive {
             NodeReadiness::Ready
         } else {
@@ -243,7 +240,7 @@ impl NodeSync {
             self.status = None;
         }
         self.node_uid = uid;
-        self.applied = Some(node);
+        self.applied = Some(fingerprint(&node));
     }
 
     /// The Node status was written.
@@ -294,6 +291,19 @@ fn not_ready_minimal() -> NodeStatus {
         }]),
         ..Default::default()
     }
+}
+
+/// A fingerprint of what an apply of `node` sets: its labels, annotations and spec.
+fn fingerprint(node: &Node) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.metadata.labels.hash(&mut h);
+    node.metadata.annotations.hash(&mut h);
+    // The spec's types do not implement Hash; their JSON is deterministic (fields in order).
+    serde_json::to_string(&node.spec)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

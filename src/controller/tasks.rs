@@ -111,9 +111,12 @@ impl Tasks {
         let exits = self.exits.clone();
         let span = info_span!("base", id = %base_id);
         let key = node.clone();
+        // The actor moves into its future here, not into the spawned block: a block that
+        // captured it would hold a second, dead copy of it (4 KB a base) beside the future.
+        let run = actor.run(rx);
         tokio::spawn(
             async move {
-                let exit = actor.run(rx).await;
+                let exit = run.await;
                 let _ = exits.send((key, generation, exit));
             }
             .instrument(span),

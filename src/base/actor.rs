@@ -527,6 +527,10 @@ impl BaseActor {
                 .collect();
             debug!(pod = %p.name, modules = ?left, alive, ?wanted, "pod leaves the base");
         }
+        // Most plans of a settled base write nothing: no job (and its clients' clones) then.
+        if statuses.is_empty() && decided.delete_pods.is_empty() {
+            return;
+        }
         let job = self.fx.pod_job(
             &self.bound.pods,
             statuses,

@@ -60,6 +60,34 @@ async fn apiserver_outage_keeps_bases_served_and_flaps_nothing() {
 
     let pods = ReadyRecorder::pods("module pods", env.pods(), watcher::Config::default()).await;
     let nodes = ReadyRecorder::vnodes(&env).await;
+    // Both watches are open before the freeze: a change to a watched object reaches each.
+    // (A watch still opening when the apiserver froze failed its connect 30 s later.)
+    let (pod_events, node_events) = (pods.events(), nodes.events());
+    let probe =
+        serde_json::json!({"metadata": {"annotations": {"e2e.koupleless.io/watch-probe": "1"}}});
+    let pod_name = env
+        .pods()
+        .list(&Default::default())
+        .await
+        .expect("list pods")
+        .items
+        .first()
+        .and_then(|p| p.metadata.name.clone())
+        .expect("a module pod");
+    env.pods()
+        .patch(&pod_name, &PatchParams::default(), &Patch::Merge(&probe))
+        .await
+        .expect("annotate a pod");
+    env.nodes()
+        .patch(
+            &env.node_name("o-mqtt"),
+            &PatchParams::default(),
+            &Patch::Merge(&probe),
+        )
+        .await
+        .expect("annotate a VNode");
+    pods.wait_event_after(pod_events).await;
+    nodes.wait_event_after(node_events).await;
 
     // ---- The outage.
     let frozen = env.cp.freeze_apiserver().expect("freeze");

@@ -224,7 +224,7 @@ impl BaseActor {
                 }
                 done = join(&mut self.node_job) => {
                     if let Some(done) = done {
-                        self.fx.node_job_done(&mut self.node, done);
+                        self.fx.node_job_done(&mut self.node, done, Instant::now());
                     }
                 }
                 _ = sleep_until(self.executing_grace) => {
@@ -553,7 +553,7 @@ impl BaseActor {
             lease_every: self.settings.lease_renew,
             module_urls: &self.urls.1,
         };
-        if self.node_job.is_some() {
+        if self.node_job.is_some() || self.node.backing_off(now) {
             return;
         }
         let writes = self.node.due(&params, alive, now);
@@ -787,6 +787,18 @@ mod tests {
         answered: Answered,
         metrics: BaseMetrics,
     ) -> BaseActor {
+        slow_apiserver_actor_on(tunnel, answered, metrics, ApiMetrics::default(), true)
+    }
+
+    /// The same, counting writes in `api_metrics`; with `reachable` false, as after the
+    /// apiserver probe found no answer (every write fails at once).
+    fn slow_apiserver_actor_on(
+        tunnel: Arc<dyn crate::tunnel::Tunnel>,
+        answered: Answered,
+        metrics: BaseMetrics,
+        api_metrics: ApiMetrics,
+        reachable: bool,
+    ) -> BaseActor {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
@@ -822,11 +834,14 @@ mod tests {
             observer_linger: Duration::ZERO,
             order: StatusOrder::Lossless,
         };
+        let api = Api::new(client, 8, "test", api_metrics);
+        api.reachability()
+            .store(reachable, std::sync::atomic::Ordering::Relaxed);
         BaseActor::new(
             "b1",
             Arc::new(settings),
             EffectsDeps {
-                api: Api::new(client, 8, "test", ApiMetrics::default()),
+                api,
                 tunnel,
                 policies: Arc::new(BuiltinPolicies),
                 metrics,
@@ -1176,6 +1191,33 @@ mod tests {
             "{} plans in 3 s for one pod whose writes fail",
             metrics.plans()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vnode_writes_that_fail_at_once_are_retried_with_backoff_not_in_a_loop() {
+        let api_metrics = ApiMetrics::default();
+        let actor = slow_apiserver_actor_on(
+            Arc::new(NoTunnel),
+            Answered::default(),
+            BaseMetrics::default(),
+            api_metrics.clone(),
+            false,
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(rx));
+        tx.send(heartbeat(BaseLifecycle::Activated))
+            .expect("task alive");
+        keep_alive(&tx, 60).await;
+        task.abort();
+        let failed: u64 = ["node", "node_status", "lease"]
+            .iter()
+            .map(|k| api_metrics.failed(k))
+            .sum();
+        // 3 s of writes that fail at once: attempts at 0, 0.5, 1.5 and 3.5 s (the waits
+        // double from 0.5 s). Without the backoff the task retried them in a busy loop,
+        // 24,294 attempts in 3 s when the check was removed.
+        assert!(failed >= 1, "no VNode write was attempted");
+        assert!(failed <= 5, "{failed} failed VNode writes in 3 s");
     }
 
     #[test]

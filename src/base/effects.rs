@@ -377,9 +377,12 @@ impl Effects {
         }
     }
 
-    /// Records what a VNode job achieved.
-    pub fn node_job_done(&self, node: &mut NodeSync, done: NodeJobDone) {
-        let now = done.started;
+    /// Records what a VNode job achieved. A failure puts the VNode's writes on a backoff
+    /// and is logged on the first failure of a streak only: a write that fails at once (the
+    /// apiserver is known not to answer) was retried in a busy loop, 12,000 times a second.
+    pub fn node_job_done(&self, node: &mut NodeSync, done: NodeJobDone, now: Instant) {
+        let started = done.started;
+        let mut failed: Vec<(&str, kube::Error)> = Vec::new();
         match done.applied {
             None => {}
             Some(Ok((desired, uid))) => {
@@ -388,27 +391,31 @@ impl Effects {
                 }
                 node.node_applied(desired, uid);
             }
-            Some(Err(e)) => {
-                warn!(node = %self.node_name, error = %e, "VNode apply failed; retrying");
-                return;
-            }
+            Some(Err(e)) => failed.push(("VNode apply", e)),
         }
         match done.status {
             None => {}
-            Some((status, Ok(()))) => node.status_written(status, now),
+            Some((status, Ok(()))) => node.status_written(status, started),
             Some((_, Err(e))) if is_not_found(&e) => {
                 warn!(node = %self.node_name, "VNode was deleted externally; recreating");
                 node.node_missing();
             }
-            Some((_, Err(e))) => {
-                warn!(node = %self.node_name, error = %e, "VNode status write failed; retrying")
-            }
+            Some((_, Err(e))) => failed.push(("VNode status write", e)),
         }
         match done.lease {
             None => {}
-            Some(Ok(())) => node.lease_renewed(now),
-            Some(Err(e)) => {
-                warn!(node = %self.node_name, error = %e, "lease renewal failed; retrying")
+            Some(Ok(())) => node.lease_renewed(started),
+            Some(Err(e)) => failed.push(("lease renewal", e)),
+        }
+        if failed.is_empty() {
+            if let Some(failures) = node.writes_succeeded() {
+                info!(node = %self.node_name, failures, "VNode writes recovered");
+            }
+            return;
+        }
+        if node.write_failed(now) == 1 {
+            for (what, e) in failed {
+                warn!(node = %self.node_name, error = %e, "{what} failed; retrying with backoff");
             }
         }
     }

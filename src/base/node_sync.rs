@@ -16,6 +16,11 @@ use crate::vnode::shape::{self, NodeReadiness, NodeShapeInput};
 /// (its `nodeStatusReportFrequency`): the node lifecycle controller may overwrite the Ready
 /// condition, and nodes are not watched. The Lease is the heartbeat in between.
 const NODE_STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// First wait after a failed VNode write before the next attempt.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between attempts: far inside the node-monitor grace period (40 s by default),
+/// so that the Lease is renewed within seconds once the apiserver answers again.
+const RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// What a base task should do about its base's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +79,9 @@ pub struct NodeSync {
     status: Option<NodeStatus>,
     status_at: Option<Instant>,
     lease_at: Option<Instant>,
+    /// Failed VNode writes in a row, and when the next attempt may start. A write that fails
+    /// at once (an apiserver known to be down) would otherwise be retried in a busy loop.
+    retry: Option<(u32, Instant)>,
 }
 
 impl NodeSync {
@@ -92,6 +100,7 @@ impl NodeSync {
             status: None,
             status_at: None,
             lease_at: None,
+            retry: None,
         }
     }
 
@@ -277,6 +286,27 @@ impl NodeSync {
     pub fn lease_renewed(&mut self, now: Instant) {
         self.lease_at = Some(now);
     }
+
+    /// Whether VNode writes wait out the backoff of a failure.
+    pub fn backing_off(&self, now: Instant) -> bool {
+        self.retry.is_some_and(|(_, at)| now < at)
+    }
+
+    /// A VNode write failed at `now`: the next attempt waits (doubling, capped). Returns the
+    /// failures in a row, so that the caller logs the first one of a streak only.
+    pub fn write_failed(&mut self, now: Instant) -> u32 {
+        let failures = self.retry.map_or(0, |(n, _)| n) + 1;
+        let wait = RETRY_FIRST
+            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+            .min(RETRY_CAP);
+        self.retry = Some((failures, now + wait));
+        failures
+    }
+
+    /// The VNode writes went through: the failure streak (its length returned) ends.
+    pub fn writes_succeeded(&mut self) -> Option<u32> {
+        self.retry.take().map(|(n, _)| n)
+    }
 }
 
 fn not_ready_minimal() -> NodeStatus {
@@ -325,6 +355,27 @@ mod tests {
         lease_every: LEASE,
         module_urls: "{}",
     };
+
+    #[test]
+    fn failed_writes_back_off_doubling_up_to_the_cap_and_a_success_ends_the_streak() {
+        let t0 = Instant::now();
+        let mut n = NodeSync::new(t0);
+        assert!(!n.backing_off(t0));
+        assert_eq!(n.write_failed(t0), 1);
+        assert!(n.backing_off(t0));
+        assert!(n.backing_off(t0 + RETRY_FIRST - Duration::from_millis(1)));
+        assert!(!n.backing_off(t0 + RETRY_FIRST));
+        let mut t = t0;
+        for _ in 0..10 {
+            n.write_failed(t);
+            t += RETRY_CAP;
+        }
+        assert!(n.backing_off(t - Duration::from_millis(1)));
+        assert!(!n.backing_off(t), "the wait is capped at {RETRY_CAP:?}");
+        assert_eq!(n.writes_succeeded(), Some(11));
+        assert!(!n.backing_off(t0));
+        assert_eq!(n.writes_succeeded(), None);
+    }
 
     #[test]
     fn a_new_base_applies_writes_status_and_renews_then_nothing_until_due() {

@@ -167,6 +167,23 @@ impl ReadyRecorder {
         self.lock().events
     }
 
+    /// Waits until the watch delivered more than `before` events. A recorder is back from
+    /// its start once the initial list is read; the watch request that follows may not be
+    /// open yet, and a test that then stops the apiserver would see it fail. Change one of
+    /// the watched objects, then wait here, to know the watch is open.
+    pub async fn wait_event_after(&self, before: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.events() <= before {
+            self.assert_alive();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: no watch event within 30 s of a change",
+                self.what
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every change from Ready to NotReady of an object not being deleted.
     pub fn drops(&self) -> Vec<Drop_> {
         let mut out = Vec::new();
